@@ -1,0 +1,32 @@
+"""The contract between the node's task worker and whatever computes tokens.
+
+A whole model in this process (:mod:`node.local_engine`) and a chain of block servers
+found in the DHT (the sharded engine) implement the same :class:`Engine`, so the
+worker that consumes tasks, streams chunks and reports timings does not care which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # seeds sampling; identical seed + request = identical tokens
+    method: str = "baseline"  # acceleration method name (proto.methods)
+    eos_token_id: int | None = None  # stop early when produced
+    request_id: str = ""
+
+
+class Engine(Protocol):
+    """Produces the new token ids of a request, one at a time, as soon as each is known."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[int]: ...
+
+    async def close(self) -> None: ...
