@@ -18,9 +18,12 @@ fi
 STAMP="$VENV/.dinet-installed"
 if [[ ! -f "$STAMP" || pyproject.toml -nt "$STAMP" ]]; then
   log "installing torch==2.13.0 (CPU build) first, then dinet[dev]"
-  "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$PY" -m pip install -q torch==2.13.0
-  "$PY" -m pip install -q -e ".[dev]"
+  PIP_LOG="$VENV/pip-install.log"
+  if ! { "$PY" -m pip install torch==2.13.0 && "$PY" -m pip install -e ".[dev]"; } >"$PIP_LOG" 2>&1; then
+    grep -v "WARNING: Location" "$PIP_LOG" | tail -40 >&2
+    log "pip install failed; full log in $PIP_LOG"
+    exit 1
+  fi
   touch "$STAMP"
 fi
 
