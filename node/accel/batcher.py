@@ -1,0 +1,139 @@
+"""Server-side continuous batching: session steps that arrive while the node is busy run together.
+
+Every session's Inference stream submits its steps here instead of computing them itself. One
+loop takes what is pending, picks a batch with :func:`plan_batch` (decode and verification steps
+first, prefill chunks in the remaining token budget), runs it as one ragged forward in a worker
+thread, and resolves each step. Sessions join and leave between steps; nobody waits for a batch
+to finish generating. A session may ask to run alone (the baseline method) or to wait for
+companions for a few milliseconds first (dynamic batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from node.accel.batching import BatchPolicy, plan_batch
+from node.accel.executor import BlockExecutor, StepItem
+from node.accel.kv import SequenceKV
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    item: StepItem
+    solo: bool
+    window_s: float
+    arrival: float
+    future: asyncio.Future[torch.Tensor]
+
+
+@dataclass
+class BatcherStats:
+    forwards: int = 0  # batched forwards run
+    steps: int = 0  # session steps served
+    max_batch: int = 0  # largest number of sessions in one forward
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # sessions per forward -> count
+
+
+class StepBatcher:
+    """Schedules the steps of all sessions of one block server onto its executor."""
+
+    def __init__(self, executor: BlockExecutor, policy: BatchPolicy) -> None:
+        self.executor = executor
+        self.policy = policy
+        self.stats = BatcherStats()
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinet-blocks")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="dinet-step-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("block server is shutting down"))
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+    async def submit(
+        self, kv: SequenceKV, hidden: torch.Tensor, *, solo: bool = False, window_ms: float | None = None
+    ) -> torch.Tensor:
+        """Run ``hidden`` [n_new, hidden] of one session through the blocks; returns [n_new, hidden]."""
+        if self._task is None:
+            raise RuntimeError("StepBatcher.start() was not called")
+        window = self.policy.window_ms if window_ms is None else window_ms
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._pending.append(
+            _Pending(StepItem(kv, hidden), solo, window / 1000.0, time.monotonic(), future)
+        )
+        self._wake.set()
+        return await future
+
+    def _batchable(self) -> list[_Pending]:
+        seen: set[int] = set()
+        out = []
+        for pending in self._pending:
+            if pending.solo or id(pending.item.kv) in seen or pending.future.cancelled():
+                continue
+            seen.add(id(pending.item.kv))
+            out.append(pending)
+        return out
+
+    async def _choose(self) -> list[_Pending]:
+        first = self._pending[0]
+        if first.solo or self.policy.max_seqs == 1:
+            return [first]
+        deadline = first.arrival + first.window_s
+        while len(self._batchable()) < self.policy.max_seqs and time.monotonic() < deadline:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
+        candidates = self._batchable()
+        if first not in candidates:  # cancelled while waiting
+            return [first]
+        idx = plan_batch([c.item.hidden.shape[0] for c in candidates], self.policy)
+        return [candidates[i] for i in idx]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = await self._choose()
+            chosen = {id(p) for p in batch}
+            self._pending = [p for p in self._pending if id(p) not in chosen]
+            batch = [p for p in batch if not p.future.cancelled()]
+            if not batch:
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._pool, self.executor.forward, [p.item for p in batch])
+            except Exception as exc:  # a bad step fails its batch, never the loop
+                logger.exception("batched forward of %d steps failed", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self.stats.forwards += 1
+            self.stats.steps += len(batch)
+            self.stats.max_batch = max(self.stats.max_batch, len(batch))
+            self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
+            for p, out in zip(batch, outputs, strict=True):
+                if not p.future.done():
+                    p.future.set_result(out)
