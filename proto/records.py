@@ -115,6 +115,7 @@ class NodeRecord:
     throughput_tok_s: float = 0.0
     load: float = 0.0  # active sessions / capacity
     free_cache_bytes: int = 0
+    num_blocks: int = 0  # blocks of the whole model (0 = not announced); lets readers see trailing gaps
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -145,6 +146,7 @@ class NodeRecord:
             throughput_tok_s=_num(d, "throughput_tok_s", default=0.0),
             load=_num(d, "load", default=0.0),
             free_cache_bytes=_int(d, "free_cache_bytes", default=0),
+            num_blocks=_int(d, "num_blocks", default=0),
         )
 
 

@@ -1,0 +1,279 @@
+"""The driver: generates tokens through a chain of block servers found in the DHT.
+
+:class:`ChainEngine` implements :class:`node.engine.Engine`. For a request it embeds the
+prompt, opens a :class:`ChainSession` over the cheapest route (:mod:`node.blocks.routing`),
+runs the prefill and then one decode step per token through every hop, applies the final
+norm and LM head, and picks each token with :func:`node.sampling.choose_next_token`,
+exactly as a whole model in one process would.
+
+Fault tolerance lives in :class:`ChainSession`: it keeps, for each span, every input it
+sent there. When a hop fails (the peer died, timed out, is full, forgot the session) the
+peer is banned for a while, a new route is found for exactly that span's blocks (one or
+several peers), the span's past inputs plus the current one are replayed to them in one
+step at position 0 (which rebuilds their caches), and generation continues. The replay
+is the same computation the failed peer did, so greedy output stays token-identical.
+Replacements are bounded per request; after that the request fails with a typed
+:class:`~proto.errors.NodeFailureError`. No route at all raises
+:class:`~proto.errors.NoRouteError` naming the missing blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import torch
+
+from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
+from node.blocks.remote import ChannelPool, HopFailure, RemoteSpan, probe_rtt_ms
+from node.blocks.routing import Hop, RouteCosts, find_route
+from node.blocks.server import MESSAGE_ENVELOPE_BYTES
+from node.engine import GenerationRequest
+from node.sampling import choose_next_token, make_generator
+from proto.codec import TensorLimits
+from proto.errors import InvalidRequestError, MaxNewTokensError, NodeFailureError, PromptEmptyError, PromptTooLongError
+from proto.records import BlockRecord
+
+logger = logging.getLogger(__name__)
+
+
+class RecordSource(Protocol):
+    """Where the driver learns who serves which blocks (:class:`node.blocks.dht.SwarmDHT`, or a fixed list)."""
+
+    async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]: ...
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """Driver knobs."""
+
+    step_timeout_s: float = 30.0  # a hop must answer one step within this (prefill included)
+    max_replacements: int = 4  # hop failures survived per request before NodeFailureError
+    ban_s: float = 30.0  # a failed peer is left out of routes this long
+    records_max_age_s: float = 2.0  # DHT records are re-read when older (and after any failure)
+    probe_timeout_s: float = 2.0  # RTT probe (Info) of a peer not seen before; no answer = banned
+    rtt_max_age_s: float = 60.0  # RTTs are re-measured when older
+    costs: RouteCosts = field(default_factory=RouteCosts)
+    max_message_bytes: int = 64 * 1024 * 1024 + MESSAGE_ENVELOPE_BYTES
+
+
+@dataclass
+class _Span:
+    """One hop of a live session and what it has been sent so far."""
+
+    hop: Hop
+    remote: RemoteSpan
+    inputs: list[torch.Tensor]  # every [B, T, H] sent to this span, in order
+
+    @property
+    def length(self) -> int:
+        return sum(x.shape[1] for x in self.inputs)
+
+
+class ChainSession:
+    """One request's sessions along a route; :meth:`step` runs new tokens through all blocks."""
+
+    def __init__(self, engine: ChainEngine, *, max_length: int) -> None:
+        self.engine = engine
+        self.max_length = max_length
+        self.spans: list[_Span] = []
+        self.replacements = 0
+
+    async def open(self) -> ChainSession:
+        hops = await self.engine.route(0, self.engine.num_blocks)
+        self.spans = [_Span(hop, self.engine.remote(hop, self.max_length), []) for hop in hops]
+        return self
+
+    @property
+    def hops(self) -> list[Hop]:
+        return [s.hop for s in self.spans]
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Push ``hidden`` [B, T, H] (the next T tokens' embeddings) through every block."""
+        i = 0
+        while i < len(self.spans):
+            span = self.spans[i]
+            try:
+                out = await span.remote.step(hidden, position=span.length)
+            except HopFailure as failure:
+                replacement, hidden = await self._replace(i, failure, hidden)
+                self.spans[i : i + 1] = replacement
+                i += len(replacement)
+                continue
+            span.inputs.append(hidden)
+            hidden = out
+            i += 1
+        return hidden
+
+    async def _replace(self, i: int, failure: HopFailure, current: torch.Tensor) -> tuple[list[_Span], torch.Tensor]:
+        """Move span ``i`` to other peers and replay its history plus ``current``; returns the new spans and
+        the span's output for ``current``."""
+        old = self.spans[i]
+        history = old.inputs
+        await old.remote.close()
+        while True:
+            self.replacements += 1
+            logger.warning("hop failed (%s); replacement %d of %d", failure, self.replacements,
+                           self.engine.config.max_replacements)
+            await self.engine.ban(failure.hop)
+            if self.replacements > self.engine.config.max_replacements:
+                raise NodeFailureError(
+                    f"gave up after {self.engine.config.max_replacements} failed hops; last: {failure}. "
+                    "The swarm is unstable or overloaded; retry later"
+                )
+            hops = await self.engine.route(old.hop.start, old.hop.end, refresh=True)
+            spans = [_Span(hop, self.engine.remote(hop, self.max_length), []) for hop in hops]
+            replay = torch.cat([*history, current], dim=1)  # [B, past + T, H]
+            try:
+                for span in spans:
+                    out = await span.remote.step(replay, position=0)
+                    span.inputs.append(replay)
+                    replay = out
+            except HopFailure as again:
+                failure = again
+                for span in spans:
+                    await span.remote.close()
+                continue
+            # each new span's single input covers the history and the current step, so its length is right
+            return spans, replay[:, -current.shape[1] :]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.remote.close() for s in self.spans))
+
+
+class ChainEngine:
+    """An :class:`~node.engine.Engine` over the swarm's block servers for one model."""
+
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        model_name: str,
+        records: RecordSource,
+        config: ChainConfig | None = None,
+        weight_format: str = "fp32",
+    ) -> None:
+        self.model_dir = resolve_model_dir(model_path)
+        self.model_config = load_config(self.model_dir)
+        self.model_name = model_name
+        self.records = records
+        self.config = config or ChainConfig()
+        self.weight_format = weight_format
+        self.num_blocks = int(self.model_config.num_hidden_layers)
+        self.max_positions = int(self.model_config.max_position_embeddings)
+        self.pool = ChannelPool(self.config.max_message_bytes)
+        self.tensor_limits = TensorLimits(max_bytes=self.config.max_message_bytes - MESSAGE_ENVELOPE_BYTES)
+        self._driver: DriverParts | None = None
+        self._records: list[BlockRecord] = []
+        self._records_at = 0.0
+        self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (rtt ms, measured at)
+        self._banned: dict[str, float] = {}  # peer -> until
+        self._rng = random.Random()
+
+    @property
+    def driver(self) -> DriverParts:
+        """Embeddings, final norm and LM head, loaded on first use (a pure server never needs them)."""
+        if self._driver is None:
+            self._driver = load_driver_parts(self.model_dir, self.model_config, weight_format=self.weight_format)
+        return self._driver
+
+    # -- Engine -----------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
+        prompt = list(request.prompt_ids)
+        self._check_request(prompt, request.max_new_tokens)
+        generator = make_generator(request.seed)
+        driver = self.driver
+        session = await ChainSession(self, max_length=len(prompt) + request.max_new_tokens).open()
+        try:
+            hidden = driver.embed_ids(torch.tensor([prompt], dtype=torch.long))
+            for produced in range(request.max_new_tokens):
+                out = await session.step(hidden)
+                logits = driver.logits(out[:, -1:])[0, -1]
+                token = choose_next_token(
+                    logits, temperature=request.temperature, top_p=request.top_p, generator=generator
+                )
+                yield token
+                if token == request.eos_token_id or produced == request.max_new_tokens - 1:
+                    break
+                hidden = driver.embed_ids(torch.tensor([[token]], dtype=torch.long))
+        finally:
+            await session.close()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- used by ChainSession ---------------------------------------------------------------------
+
+    async def open_session(self, max_length: int) -> ChainSession:
+        """A session over a fresh route (for callers that step hidden states themselves)."""
+        return await ChainSession(self, max_length=max_length).open()
+
+    def remote(self, hop: Hop, max_length: int) -> RemoteSpan:
+        return RemoteSpan(
+            self.pool, hop, model=self.model_name, max_length=max_length,
+            step_timeout_s=self.config.step_timeout_s, tensor_limits=self.tensor_limits,
+        )
+
+    async def route(self, start: int, end: int, *, refresh: bool = False) -> list[Hop]:
+        """The cheapest live route over blocks ``start..end-1``; probes peers whose RTT is unknown."""
+        records = await self._live_records(refresh=refresh)
+        await self._probe([r for r in records if not self._is_banned(r.peer_id)])
+        now = time.monotonic()
+        return find_route(
+            records, start=start, end=end, model=self.model_name,
+            rtt_ms={peer: rtt for peer, (rtt, _) in self._rtt.items()},
+            exclude=[p for p, until in self._banned.items() if until > now],
+            costs=self.config.costs, rng=self._rng,
+        )
+
+    async def ban(self, hop: Hop) -> None:
+        self._banned[hop.peer_id] = time.monotonic() + self.config.ban_s
+        self._rtt.pop(hop.peer_id, None)
+        await self.pool.discard(hop.address)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _is_banned(self, peer_id: str) -> bool:
+        return self._banned.get(peer_id, 0.0) > time.monotonic()
+
+    async def _live_records(self, *, refresh: bool) -> list[BlockRecord]:
+        if refresh or time.monotonic() - self._records_at > self.config.records_max_age_s:
+            self._records = await self.records.block_records(self.model_name, self.num_blocks)
+            self._records_at = time.monotonic()
+        return self._records
+
+    async def _probe(self, records: list[BlockRecord]) -> None:
+        now = time.monotonic()
+        stale = [r for r in records if now - self._rtt.get(r.peer_id, (0.0, -1e9))[1] > self.config.rtt_max_age_s]
+
+        async def probe(record: BlockRecord) -> None:
+            try:
+                rtt = await probe_rtt_ms(self.pool, record.address, timeout_s=self.config.probe_timeout_s)
+            except (grpc.RpcError, OSError) as exc:
+                logger.info("peer %s at %s does not answer (%s); leaving it out", record.peer_id, record.address, exc)
+                await self.ban(Hop(record.peer_id, record.address, record.start_block, record.end_block))
+                return
+            self._rtt[record.peer_id] = (rtt, time.monotonic())
+
+        await asyncio.gather(*(probe(r) for r in stale))
+
+    def _check_request(self, prompt: list[int], max_new_tokens: int) -> None:
+        if not prompt:
+            raise PromptEmptyError("the prompt has no tokens")
+        if max_new_tokens < 1:
+            raise MaxNewTokensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt) + max_new_tokens > self.max_positions:
+            raise PromptTooLongError(
+                f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"{self.max_positions} positions"
+            )
+        vocab = int(self.model_config.vocab_size)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}")

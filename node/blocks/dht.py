@@ -1,0 +1,166 @@
+"""The node's side of the hivemind DHT: announce its records, read the swarm's.
+
+Conventions (keys in :mod:`proto.records`, signing and parsing in
+:mod:`proto.dht_schema`, shared with brokers):
+
+- ``dinet:{model}:block:{i}`` for each served block ``i`` -> :class:`BlockRecord`
+- ``dinet:nodes`` -> :class:`NodeRecord`
+
+both under the owner-signed subkey of the node, with an expiration ``record_ttl_s``
+ahead. :class:`Announcer` re-stores them every ``announce_period_s`` (well before they
+expire, with fresh load and free-cache figures), so a node that dies disappears from
+routing within one TTL, and a node that stops cleanly stores tombstones and disappears
+at once.
+
+hivemind runs the DHT in a child process; every call here goes through an ``MPFuture``
+awaited on the event loop, so nothing blocks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from proto.dht_schema import TOMBSTONE, make_record_validators, owner_subkey, parse_block_records, parse_node_records
+from proto.records import NODES_KEY, BlockRecord, NodeRecord, block_key
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmDHT:
+    """A dinet peer of the DHT; create with :meth:`start` (blocking, about half a second)."""
+
+    def __init__(self, dht: hivemind.DHT, validators: list) -> None:
+        self.dht = dht
+        self.validators = validators
+        self.peer_id = str(dht.peer_id)
+        self.subkey = owner_subkey(validators, self.peer_id)
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        initial_peers: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        client_mode: bool = False,
+        announce_host: str | None = None,
+    ) -> SwarmDHT:
+        """Join the swarm through ``initial_peers`` (or start a new one when empty)."""
+        validators = make_record_validators()
+        kwargs: dict = {"host_maddrs": [f"/ip4/{host}/tcp/{port}"]}
+        if announce_host:
+            kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers) or None,
+            start=True,
+            client_mode=client_mode,
+            record_validators=validators,
+            **kwargs,
+        )
+        return cls(dht, validators)
+
+    @property
+    def maddrs(self) -> list[str]:
+        """Multiaddrs other peers can pass as ``initial_peers``."""
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+    async def announce(self, model: str, node: NodeRecord, *, ttl_s: float) -> None:
+        """Store the node record and one block record per served block."""
+        expiration = get_dht_time() + ttl_s
+        block = BlockRecord(
+            peer_id=node.peer_id, address=node.address, group=node.group, start_block=node.start_block,
+            end_block=node.end_block, throughput_tok_s=node.throughput_tok_s,
+            free_cache_bytes=node.free_cache_bytes, load=node.load,
+        ).to_dict()
+        stores = [(NODES_KEY, node.to_dict())]
+        stores += [(block_key(model, i), block) for i in range(node.start_block, node.end_block)]
+        await self._store_all(stores, expiration)
+
+    async def withdraw(self, model: str, node: NodeRecord, *, ttl_s: float) -> None:
+        """Overwrite this node's records with tombstones (a newer expiration wins)."""
+        expiration = get_dht_time() + ttl_s
+        stores = [(NODES_KEY, TOMBSTONE)] + [(block_key(model, i), TOMBSTONE) for i in range(node.start_block, node.end_block)]
+        await self._store_all(stores, expiration)
+
+    async def _store_all(self, stores: list[tuple[str, dict]], expiration: float) -> None:
+        futures = [
+            self.dht.store(key, value, expiration, subkey=self.subkey, return_future=True) for key, value in stores
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [key for (key, _), ok in zip(stores, results, strict=True) if ok is not True]
+        if failed:
+            logger.warning("DHT store failed for %s (will retry at the next announce)", failed)
+
+    async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]:
+        """Live servers of any block of ``model`` (one record per peer)."""
+        futures = [self.dht.get(block_key(model, i), latest=True, return_future=True) for i in range(num_blocks)]
+        entries = await asyncio.gather(*futures, return_exceptions=True)
+        now = get_dht_time()
+        by_peer: dict[str, BlockRecord] = {}
+        for entry in entries:
+            if isinstance(entry, BaseException):
+                logger.warning("DHT get failed: %s", entry)
+                continue
+            for record in parse_block_records(entry, now=now):
+                by_peer[record.peer_id] = record
+        return list(by_peer.values())
+
+    async def node_records(self) -> list[NodeRecord]:
+        entry = await self.dht.get(NODES_KEY, latest=True, return_future=True)
+        return parse_node_records(entry, now=get_dht_time())
+
+
+class Announcer:
+    """Keeps a node's records fresh in the DHT until closed."""
+
+    def __init__(
+        self,
+        swarm: SwarmDHT,
+        model: str,
+        make_record: Callable[[], NodeRecord],
+        *,
+        period_s: float,
+        ttl_s: float,
+    ) -> None:
+        if period_s >= ttl_s:
+            raise ValueError(f"announce period {period_s}s must be shorter than the record TTL {ttl_s}s")
+        self.swarm = swarm
+        self.model = model
+        self.make_record = make_record
+        self.period_s = period_s
+        self.ttl_s = ttl_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Announce once (so the node is routable when this returns), then keep refreshing."""
+        await self.swarm.announce(self.model, self.make_record(), ttl_s=self.ttl_s)
+        self._task = asyncio.create_task(self._loop(), name="dht-announcer")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                await self.swarm.announce(self.model, self.make_record(), ttl_s=self.ttl_s)
+            except Exception:
+                logger.exception("announcing to the DHT failed; retrying in %.0f s", self.period_s)
+
+    async def close(self, *, withdraw: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if withdraw:
+            try:
+                await asyncio.wait_for(self.swarm.withdraw(self.model, self.make_record(), ttl_s=self.ttl_s), 5)
+            except Exception as exc:  # the records still expire on their own
+                logger.warning("could not withdraw DHT records: %s", exc)

@@ -1,0 +1,145 @@
+"""Start a block-serving node: DHT peer, selective weight load, gRPC server, announcer, driver.
+
+:func:`start_serving` is what ``dinet-node run`` (node/daemon.py) and the test/bench entry
+:mod:`node.blocks.serve_main` call; :class:`ServingHandle` is what they get back: the
+address it serves on, the DHT multiaddrs others can join through, and a chain-driving
+:class:`~node.blocks.chain_engine.ChainEngine` for the model, usable by the task worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from node.blocks.block_functions import BlockSpan, measure_throughput
+from node.blocks.chain_engine import ChainConfig, ChainEngine
+from node.blocks.dht import Announcer, SwarmDHT
+from node.blocks.kv_cache import CacheManager
+from node.blocks.loader import WEIGHT_DTYPES, load_blocks, load_config, resolve_model_dir
+from node.blocks.server import BlockServicer, ServerLimits, start_grpc_server
+from proto.records import HardwareInfo, NodeRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything a serving node is started with."""
+
+    model_path: str  # local dir or hub name, loaded with from_pretrained-compatible code
+    model_name: str  # name announced in the DHT (what requests ask for)
+    group: str  # consumer group this node belongs to (announced in its records)
+    start_block: int | None = None  # first served block; None/None = all blocks
+    end_block: int | None = None  # one past the last served block
+    host: str = "127.0.0.1"  # gRPC and DHT listen address
+    port: int = 0  # gRPC port (0 = any free port)
+    initial_peers: tuple[str, ...] = ()  # hivemind multiaddrs; empty = start a new swarm
+    weight_format: str = "fp32"  # fp32 | bf16 | int8 (dynamic quantization of the linear layers)
+    cache_bytes: int = 1 << 30  # KV-cache budget for all sessions together
+    session_ttl_s: float = 300.0  # a session idle this long is dropped
+    announce_period_s: float = 10.0  # DHT records are refreshed this often...
+    record_ttl_s: float = 30.0  # ...and expire this long after each refresh
+    announce_host: str | None = None  # address others reach this node at, when not ``host`` (NAT, 0.0.0.0)
+    dht_port: int = 0  # DHT (libp2p) port (0 = any free port)
+    limits: ServerLimits = field(default_factory=ServerLimits)  # per-peer bounds of the gRPC service
+    chain: ChainConfig = field(default_factory=ChainConfig)  # the driver's retry/routing knobs
+
+
+class ServingHandle:
+    """A running node; :meth:`close` stops everything it started, in reverse order."""
+
+    def __init__(
+        self,
+        *,
+        engine: ChainEngine,
+        address: str,
+        swarm: SwarmDHT,
+        server: grpc.aio.Server,
+        servicer: BlockServicer,
+        announcer: Announcer,
+    ) -> None:
+        self.engine = engine
+        self.address = address
+        self.swarm = swarm
+        self.dht_maddrs = swarm.maddrs
+        self.peer_id = swarm.peer_id
+        self._server = server
+        self._servicer = servicer
+        self._announcer = announcer
+
+    async def close(self) -> None:
+        await self._announcer.close(withdraw=True)
+        await self.engine.close()
+        await self._server.stop(grace=1.0)
+        self._servicer.close()
+        await asyncio.to_thread(self.swarm.shutdown)
+
+
+async def start_serving(config: ServingConfig, hardware: HardwareInfo) -> ServingHandle:
+    """Join the DHT, load the configured blocks, serve them and announce them.
+
+    :raises ValueError: for a block range outside the model or an unknown weight format.
+    """
+    if config.weight_format not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight format {config.weight_format!r}; choose one of {sorted(WEIGHT_DTYPES)}")
+    # the DHT forks a child process: start it before the weights make this process large
+    swarm = await asyncio.to_thread(
+        SwarmDHT.start, initial_peers=config.initial_peers, host=config.host, port=config.dht_port,
+        announce_host=config.announce_host,
+    )
+    try:
+        return await _serve(config, hardware, swarm)
+    except BaseException:
+        await asyncio.to_thread(swarm.shutdown)
+        raise
+
+
+async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT) -> ServingHandle:
+    model_dir = await asyncio.to_thread(resolve_model_dir, config.model_path)
+    model_config = load_config(model_dir)
+    total = int(model_config.num_hidden_layers)
+    start = 0 if config.start_block is None else config.start_block
+    end = total if config.end_block is None else config.end_block
+    layers = await asyncio.to_thread(load_blocks, model_dir, model_config, start, end,
+                                     weight_format=config.weight_format)
+    dtype = WEIGHT_DTYPES[config.weight_format]
+    span = BlockSpan.create(model_config, layers, start, dtype=dtype)
+    throughput = await asyncio.to_thread(measure_throughput, span)
+    caches = CacheManager(
+        budget_bytes=config.cache_bytes, ttl_s=config.session_ttl_s, max_sessions=config.limits.max_sessions
+    )
+    servicer = BlockServicer(
+        span=span, model_name=config.model_name, caches=caches, limits=config.limits,
+        node_id=lambda: swarm.peer_id, hardware=hardware, throughput_tok_s=throughput,
+    )
+    server, port = await start_grpc_server(servicer, config.host, config.port)
+    address = f"{config.announce_host or config.host}:{port}"
+
+    def record() -> NodeRecord:
+        caches.expire()
+        return NodeRecord(
+            peer_id=swarm.peer_id, address=address, group=config.group, models=(config.model_name,),
+            start_block=start, end_block=end, hardware=hardware, throughput_tok_s=round(throughput, 2),
+            load=round(servicer.load, 4), free_cache_bytes=caches.free_bytes, num_blocks=total,
+        )
+
+    announcer = Announcer(swarm, config.model_name, record, period_s=config.announce_period_s,
+                          ttl_s=config.record_ttl_s)
+    try:
+        await announcer.start()
+        engine = ChainEngine(
+            model_path=str(model_dir), model_name=config.model_name, records=swarm, config=config.chain,
+            weight_format=config.weight_format,
+        )
+    except BaseException:
+        await announcer.close(withdraw=False)
+        await server.stop(grace=None)
+        servicer.close()
+        raise
+    logger.info("serving blocks %d:%d of %s at %s (%.1f tok/s); DHT %s", start, end, config.model_name,
+                address, throughput, swarm.maddrs)
+    return ServingHandle(engine=engine, address=address, swarm=swarm, server=server, servicer=servicer,
+                         announcer=announcer)

@@ -1,0 +1,156 @@
+"""Client side of ``BlockService``: channels to peers and one open session stream per hop.
+
+:class:`RemoteSpan` is the driver's handle on one session on one peer: each
+:meth:`~RemoteSpan.step` writes one message on the bidirectional stream and reads one
+reply, under a timeout. Whatever can go wrong with the peer (it died, timed out, is
+full, forgot the session, no longer serves the blocks) surfaces as :class:`HopFailure`,
+which the chain answers by moving the span to another peer; a request the driver itself
+got wrong surfaces as :class:`~proto.errors.InvalidRequestError` and is not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+import grpc
+import torch
+
+from node.blocks.routing import Hop
+from node.blocks.server import grpc_options
+from proto import blocks_pb2, blocks_pb2_grpc
+from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
+from proto.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+# statuses that say "this peer cannot do it now", so another peer may
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class HopFailure(Exception):
+    """The peer of a hop failed; the span should move to another peer."""
+
+    def __init__(self, hop: Hop, reason: str) -> None:
+        super().__init__(f"peer {hop.peer_id} at {hop.address} (blocks {hop.start}:{hop.end}): {reason}")
+        self.hop = hop
+        self.reason = reason
+
+
+class ChannelPool:
+    """One gRPC channel per peer address, reused across sessions and requests."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> blocks_pb2_grpc.BlockServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_message_bytes))
+            self._channels[address] = channel
+        return blocks_pb2_grpc.BlockServiceStub(channel)
+
+    async def discard(self, address: str) -> None:
+        """Drop a channel to a failed peer (a new one is made if it comes back)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(grace=None)
+
+
+async def probe_rtt_ms(pool: ChannelPool, hop_address: str, *, timeout_s: float) -> float:
+    """Round trip of an ``Info`` call in milliseconds.
+
+    :raises grpc.aio.AioRpcError: when the peer does not answer in time.
+    """
+    begin = time.perf_counter()
+    await pool.stub(hop_address).Info(blocks_pb2.InfoRequest(), timeout=timeout_s)
+    return (time.perf_counter() - begin) * 1000.0
+
+
+class RemoteSpan:
+    """One inference session on one peer for the blocks of ``hop``."""
+
+    def __init__(
+        self,
+        pool: ChannelPool,
+        hop: Hop,
+        *,
+        model: str,
+        max_length: int,
+        step_timeout_s: float,
+        tensor_limits: TensorLimits,
+    ) -> None:
+        self.hop = hop
+        self.model = model
+        self.max_length = max_length
+        self.step_timeout_s = step_timeout_s
+        self.tensor_limits = tensor_limits
+        self.session_id = uuid.uuid4().hex
+        self._call = pool.stub(hop.address).Inference()
+        self._opened = False
+
+    async def step(self, hidden: torch.Tensor, *, position: int) -> torch.Tensor:
+        """Send ``hidden`` [B, T, H] as the tokens at ``position``; returns the span's output [B, T, H].
+
+        :raises HopFailure: the peer failed, timed out, or answered nonsense.
+        :raises InvalidRequestError: the peer rejected the request itself as malformed.
+        """
+        message = blocks_pb2.InferenceStep(hidden=encode_tensor(hidden), position=position)
+        if not self._opened:
+            message.session_id = self.session_id
+            message.model = self.model
+            message.start_block = self.hop.start
+            message.end_block = self.hop.end
+            message.max_length = self.max_length
+        try:
+            reply = await asyncio.wait_for(self._exchange(message), self.step_timeout_s)
+        except TimeoutError:
+            self._call.cancel()
+            raise HopFailure(self.hop, f"no reply within {self.step_timeout_s:.1f} s") from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RETRYABLE:
+                raise HopFailure(self.hop, f"{exc.code().name}: {exc.details()}") from None
+            raise InvalidRequestError(f"peer {self.hop.peer_id} rejected the step: {exc.code().name}: {exc.details()}")
+        self._opened = True
+        try:
+            out = decode_tensor(reply.hidden, self.tensor_limits)
+        except TensorDecodeError as exc:
+            raise HopFailure(self.hop, f"bad tensor in reply: {exc}") from None
+        if out.shape != hidden.shape or reply.position != position + hidden.shape[1]:
+            raise HopFailure(self.hop, f"reply shape {list(out.shape)} / position {reply.position} does not match")
+        return out
+
+    async def _exchange(self, message: blocks_pb2.InferenceStep) -> blocks_pb2.InferenceStepResult:
+        await self._call.write(message)
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            status = await self._call.code()
+            raise HopFailure(self.hop, f"stream ended ({status.name}: {await self._call.details()})")
+        return reply
+
+    async def close(self) -> None:
+        """End the session (the peer frees its cache); never raises."""
+        with contextlib.suppress(Exception):
+            if self._opened and not self._call.done():
+                await asyncio.wait_for(self._call.done_writing(), 1.0)
+        self._call.cancel()

@@ -1,0 +1,251 @@
+"""gRPC ``BlockService`` of a node: the wire edge around :mod:`node.blocks.block_functions`.
+
+- ``Forward``: a stateless pass through (a sub-range of) the node's blocks.
+- ``Inference``: a bidirectional stream per session. The first message opens the
+  session (model, blocks, ``max_length``, batch from the tensor) and charges its whole
+  KV cache to the node's budget (RESOURCE_EXHAUSTED when it does not fit); each message
+  is one step of one or more tokens, answered by one message. A ``position`` below the
+  cache length rolls the cache back first (replays, speculative rejections).
+- ``Info``: what the node serves and how loaded it is.
+
+Every tensor from a peer goes through :func:`proto.codec.decode_tensor` and a shape
+check; a bad one ends only its own stream with INVALID_ARGUMENT. Compute runs on one
+dedicated thread, so the event loop keeps serving other streams while a step computes
+and no two steps touch the modules at once. Messages are bounded: the gRPC maximum is
+the largest tensor a session may legally send plus a small envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from node.blocks.block_functions import BlockSpan, run_span
+from node.blocks.kv_cache import CacheFullError, CacheManager, SessionCache
+from proto import blocks_pb2, blocks_pb2_grpc, common_pb2
+from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
+from proto.records import HardwareInfo
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_ENVELOPE_BYTES = 64 * 1024  # protobuf fields around the one tensor of a message
+MAX_SESSION_ID = 128
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Hard bounds on what one peer may ask of this node."""
+
+    max_batch: int = 8  # sequences per session
+    max_length: int = 2048  # tokens per session (also capped by the model's max positions)
+    max_sessions: int = 256  # open sessions, all peers together
+
+    def max_tensor_bytes(self, hidden_size: int) -> int:
+        return self.max_batch * self.max_length * hidden_size * 4  # fp32 is the widest dtype accepted
+
+    def max_message_bytes(self, hidden_size: int) -> int:
+        return self.max_tensor_bytes(hidden_size) + MESSAGE_ENVELOPE_BYTES
+
+
+class StepError(Exception):
+    """A request a peer got wrong; carries the gRPC status to end its stream with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
+    """Serves one :class:`BlockSpan` of ``model_name``."""
+
+    def __init__(
+        self,
+        *,
+        span: BlockSpan,
+        model_name: str,
+        caches: CacheManager,
+        limits: ServerLimits,
+        node_id: Callable[[], str] = lambda: "",
+        hardware: HardwareInfo | None = None,
+        throughput_tok_s: float = 0.0,
+    ) -> None:
+        self.span = span
+        self.model_name = model_name
+        self.caches = caches
+        self.limits = limits
+        self.node_id = node_id
+        self.hardware = hardware or HardwareInfo()
+        self.throughput_tok_s = throughput_tok_s
+        self.max_length = min(limits.max_length, int(span.config.max_position_embeddings))
+        self.tensor_limits = TensorLimits(max_bytes=limits.max_tensor_bytes(span.hidden_size))
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocks-compute")
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def load(self) -> float:
+        return self.caches.active_sessions / max(self.limits.max_sessions, 1)
+
+    # -- RPCs -------------------------------------------------------------------------------------
+
+    async def Forward(  # noqa: N802 - gRPC method name
+        self, request: blocks_pb2.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> blocks_pb2.ForwardResponse:
+        try:
+            start, end = self._check_target(request.model, request.start_block, request.end_block)
+            hidden = self._decode_hidden(request.hidden, batch=None)
+            if hidden.shape[1] > self.max_length:
+                raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"{hidden.shape[1]} tokens > {self.max_length}")
+        except StepError as exc:
+            await context.abort(exc.code, str(exc))
+        out = await self._run(hidden, start=start, end=end, position=0, cache=None)
+        return blocks_pb2.ForwardResponse(hidden=encode_tensor(out))
+
+    async def Inference(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[blocks_pb2.InferenceStep], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[blocks_pb2.InferenceStepResult]:
+        session_id = ""
+        cache: SessionCache | None = None
+        start = end = 0
+        try:
+            async for step in request_iterator:
+                if cache is None:
+                    session_id, start, end, cache = self._open(step)
+                elif self.caches.get(session_id) is None:
+                    raise StepError(grpc.StatusCode.ABORTED, f"session {session_id} expired; replay it")
+                if step.close and not step.HasField("hidden"):
+                    break
+                hidden = self._decode_hidden(step.hidden, batch=cache.spec.batch)
+                self._check_position(cache, step.position, hidden.shape[1])
+                out = await self._run(hidden, start=start, end=end, position=step.position, cache=cache)
+                yield blocks_pb2.InferenceStepResult(hidden=encode_tensor(out), position=cache.length)
+                if step.close:
+                    break
+        except StepError as exc:
+            logger.info("session %s: %s %s", session_id or "?", exc.code.name, exc)
+            await context.abort(exc.code, str(exc))
+        finally:
+            if cache is not None:
+                self.caches.free(session_id)
+
+    async def Info(  # noqa: N802 - gRPC method name
+        self, request: blocks_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> blocks_pb2.NodeInfo:
+        hw = self.hardware
+        return blocks_pb2.NodeInfo(
+            node_id=self.node_id(),
+            model=self.model_name,
+            start_block=self.span.start,
+            end_block=self.span.end,
+            num_blocks=int(self.span.config.num_hidden_layers),
+            hardware=common_pb2.HardwareProfile(
+                cpu_cores=hw.cpu_cores, ram_gb=hw.ram_gb, accelerator=hw.accelerator, gflops=hw.gflops,
+                mem_bandwidth_gbs=hw.mem_bandwidth_gbs, net_rtt_ms=hw.net_rtt_ms, weight_format=hw.weight_format,
+                threads=hw.threads, price_per_hour=hw.price_per_hour, description=hw.description,
+            ),
+            throughput_tok_s=self.throughput_tok_s,
+            free_cache_bytes=self.caches.free_bytes,
+            active_sessions=self.caches.active_sessions,
+        )
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _run(
+        self, hidden: torch.Tensor, *, start: int, end: int, position: int, cache: SessionCache | None
+    ) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._compute, lambda: run_span(self.span, hidden, position=position, cache=cache, start=start, end=end)
+        )
+
+    def _check_target(self, model: str, start: int, end: int) -> tuple[int, int]:
+        if model != self.model_name:
+            raise StepError(grpc.StatusCode.NOT_FOUND, f"this node serves {self.model_name!r}, not {model!r}")
+        if not self.span.start <= start < end <= self.span.end:
+            raise StepError(
+                grpc.StatusCode.NOT_FOUND, f"blocks {start}:{end} not inside served {self.span.start}:{self.span.end}"
+            )
+        return start, end
+
+    def _open(self, step: blocks_pb2.InferenceStep) -> tuple[str, int, int, SessionCache]:
+        start, end = self._check_target(step.model, step.start_block, step.end_block)
+        session_id = step.session_id
+        if not 0 < len(session_id) <= MAX_SESSION_ID:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1..{MAX_SESSION_ID} characters")
+        if not 0 < step.max_length <= self.max_length:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in 1..{self.max_length}")
+        if not step.HasField("hidden") or len(step.hidden.shape) != 3:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "the first step must carry hidden states [B, T, H]")
+        batch = int(step.hidden.shape[0])
+        if not 0 < batch <= self.limits.max_batch:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"batch must be in 1..{self.limits.max_batch}")
+        spec = self.span.cache_spec(start, end, batch=batch, max_length=step.max_length)
+        try:
+            cache = self.caches.allocate(session_id, spec)
+        except CacheFullError as exc:
+            raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except KeyError as exc:
+            raise StepError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
+        return session_id, start, end, cache
+
+    def _decode_hidden(self, message: blocks_pb2.Tensor, *, batch: int | None) -> torch.Tensor:
+        try:
+            hidden = decode_tensor(message, self.tensor_limits)
+        except TensorDecodeError as exc:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"bad hidden tensor: {exc}") from None
+        if not hidden.is_floating_point():
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden states must be floating point, not {hidden.dtype}")
+        if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[2] != self.span.hidden_size:
+            raise StepError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"hidden states must be [batch, tokens>=1, {self.span.hidden_size}], got {list(hidden.shape)}",
+            )
+        if batch is not None and hidden.shape[0] != batch:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"batch {hidden.shape[0]} != session batch {batch}")
+        if batch is None and hidden.shape[0] > self.limits.max_batch:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"batch must be in 1..{self.limits.max_batch}")
+        return hidden
+
+    @staticmethod
+    def _check_position(cache: SessionCache, position: int, new_tokens: int) -> None:
+        if position > cache.length:
+            raise StepError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"position {position} beyond the {cache.length} cached tokens"
+            )
+        if position + new_tokens > cache.spec.max_length:
+            raise StepError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"position {position} + {new_tokens} tokens exceeds the session's max_length {cache.spec.max_length}",
+            )
+        if position < cache.length:
+            cache.truncate(position)
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options shared by both ends: deliberate message bounds, keepalive for dead peers."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def start_grpc_server(servicer: BlockServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the bound port (``port=0`` picks a free one)."""
+    server = grpc.aio.server(options=grpc_options(servicer.limits.max_message_bytes(servicer.span.hidden_size)))
+    blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC server to {host}:{port}")
+    await server.start()
+    return server, bound
