@@ -42,7 +42,8 @@ class BlockSpan:
     ) -> BlockSpan:
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        return cls(config, layers, start, start + len(layers), LlamaRotaryEmbedding(config), dtype)
+        rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]
+        return cls(config, layers, start, start + len(layers), rotary, dtype)
 
     @property
     def hidden_size(self) -> int:

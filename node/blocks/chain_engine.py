@@ -88,6 +88,7 @@ class ChainSession:
     async def open(self) -> ChainSession:
         hops = await self.engine.route(0, self.engine.num_blocks)
         self.spans = [_Span(hop, self.engine.remote(hop, self.max_length), []) for hop in hops]
+        self.engine.sessions.add(self)
         return self
 
     @property
@@ -144,6 +145,7 @@ class ChainSession:
             return spans, replay[:, -current.shape[1] :]
 
     async def close(self) -> None:
+        self.engine.sessions.discard(self)
         await asyncio.gather(*(s.remote.close() for s in self.spans))
 
 
@@ -175,6 +177,7 @@ class ChainEngine:
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (rtt ms, measured at)
         self._banned: dict[str, float] = {}  # peer -> until
         self._rng = random.Random()
+        self.sessions: set[ChainSession] = set()  # open sessions (observability: which peers serve what)
 
     @property
     def driver(self) -> DriverParts:

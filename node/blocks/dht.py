@@ -88,7 +88,8 @@ class SwarmDHT:
     async def withdraw(self, model: str, node: NodeRecord, *, ttl_s: float) -> None:
         """Overwrite this node's records with tombstones (a newer expiration wins)."""
         expiration = get_dht_time() + ttl_s
-        stores = [(NODES_KEY, TOMBSTONE)] + [(block_key(model, i), TOMBSTONE) for i in range(node.start_block, node.end_block)]
+        blocks = range(node.start_block, node.end_block)
+        stores = [(NODES_KEY, TOMBSTONE)] + [(block_key(model, i), TOMBSTONE) for i in blocks]
         await self._store_all(stores, expiration)
 
     async def _store_all(self, stores: list[tuple[str, dict]], expiration: float) -> None:

@@ -118,7 +118,7 @@ def load_blocks(
     layers = nn.ModuleList()
     for index in range(start, end):
         with torch.device("meta"):
-            layer = LlamaDecoderLayer(config, layer_idx=index)
+            layer = LlamaDecoderLayer(config, layer_idx=index)  # type: ignore[arg-type]
         prefix = f"model.layers.{index}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         layer.load_state_dict(state, strict=True, assign=True)

@@ -128,9 +128,9 @@ class RemoteSpan:
             self._call.cancel()
             raise HopFailure(self.hop, f"no reply within {self.step_timeout_s:.1f} s") from None
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRYABLE:
-                raise HopFailure(self.hop, f"{exc.code().name}: {exc.details()}") from None
-            raise InvalidRequestError(f"peer {self.hop.peer_id} rejected the step: {exc.code().name}: {exc.details()}")
+            raise self._classify(exc.code(), exc.details()) from None
+        except (asyncio.InvalidStateError, grpc.aio.UsageError, OSError):  # the stream had already ended
+            raise self._classify(await self._call.code(), await self._call.details()) from None
         self._opened = True
         try:
             out = decode_tensor(reply.hidden, self.tensor_limits)
@@ -139,6 +139,11 @@ class RemoteSpan:
         if out.shape != hidden.shape or reply.position != position + hidden.shape[1]:
             raise HopFailure(self.hop, f"reply shape {list(out.shape)} / position {reply.position} does not match")
         return out
+
+    def _classify(self, code: grpc.StatusCode, details: str | None) -> Exception:
+        if code in RETRYABLE:
+            return HopFailure(self.hop, f"{code.name}: {details}")
+        return InvalidRequestError(f"peer {self.hop.peer_id} rejected the step: {code.name}: {details}")
 
     async def _exchange(self, message: blocks_pb2.InferenceStep) -> blocks_pb2.InferenceStepResult:
         await self._call.write(message)

@@ -10,8 +10,8 @@ blocks ``i..j-1``" costs its expected per-token latency:
 ``jitter`` is a random factor in ``[1, 1 + spread]`` drawn per peer and per search,
 so replicas of the same span with similar costs share requests instead of the fastest
 one taking them all, while a clearly faster or less loaded peer still wins. A peer only
-hands over to another at a block where some peer's range starts (or its own ends), so
-the search stays small. Blocks no live peer covers raise :class:`NoRouteError`
+hands over to another at a block where some peer's range starts or ends (cost is linear
+in between), so the search stays small. Blocks no live peer covers raise :class:`NoRouteError`
 naming them.
 """
 
@@ -47,7 +47,7 @@ class RouteCosts:
 
 
 def missing_blocks(servers: Iterable[BlockRecord], start: int, end: int) -> list[int]:
-    covered = set()
+    covered: set[int] = set()
     for s in servers:
         covered.update(range(max(s.start_block, start), min(s.end_block, end)))
     return [b for b in range(start, end) if b not in covered]
@@ -85,7 +85,8 @@ def find_route(
         raise NoRouteError(_no_route_message(model, gaps), missing_blocks=gaps)
 
     per_block = {s.peer_id: _per_block_ms(s, costs) * (1.0 + rng.random() * costs.spread) for s in candidates}
-    boundaries = sorted({start, end, *(max(s.start_block, start) for s in candidates)})
+    edges = [max(s.start_block, start) for s in candidates] + [min(s.end_block, end) for s in candidates]
+    boundaries = sorted({start, end, *edges})
     best: dict[int, float] = {start: 0.0}
     came_from: dict[int, tuple[int, BlockRecord]] = {}
     queue: list[tuple[float, int]] = [(0.0, start)]

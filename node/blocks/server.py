@@ -95,7 +95,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
 
     # -- RPCs -------------------------------------------------------------------------------------
 
-    async def Forward(  # noqa: N802 - gRPC method name
+    async def Forward(
         self, request: blocks_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> blocks_pb2.ForwardResponse:
         try:
@@ -108,7 +108,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         out = await self._run(hidden, start=start, end=end, position=0, cache=None)
         return blocks_pb2.ForwardResponse(hidden=encode_tensor(out))
 
-    async def Inference(  # noqa: N802 - gRPC method name
+    async def Inference(
         self, request_iterator: AsyncIterator[blocks_pb2.InferenceStep], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[blocks_pb2.InferenceStepResult]:
         session_id = ""
@@ -135,7 +135,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
             if cache is not None:
                 self.caches.free(session_id)
 
-    async def Info(  # noqa: N802 - gRPC method name
+    async def Info(
         self, request: blocks_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> blocks_pb2.NodeInfo:
         hw = self.hardware
@@ -201,7 +201,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         except TensorDecodeError as exc:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"bad hidden tensor: {exc}") from None
         if not hidden.is_floating_point():
-            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden states must be floating point, not {hidden.dtype}")
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden states must be floating, not {hidden.dtype}")
         if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[2] != self.span.hidden_size:
             raise StepError(
                 grpc.StatusCode.INVALID_ARGUMENT,
