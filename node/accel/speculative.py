@@ -96,7 +96,8 @@ class DraftModelDrafter:
         limit = min(len(self._seen), len(seq) - 1)  # always feed at least one token
         while common < limit and self._seen[common] == seq[common]:
             common += 1
-        self._cache.crop(common)
+        if len(self._seen) > common:  # transformers 5: a negative crop removes that many trailing tokens
+            self._cache.crop(common - len(self._seen))
         self._seen = self._seen[:common]
         feed = seq[common:]
         drafts: list[int] = []
