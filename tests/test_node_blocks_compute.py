@@ -128,3 +128,16 @@ def test_no_route_names_the_missing_blocks() -> None:
         find_route(servers, start=0, end=8, model="m", exclude=["c"])
     assert info.value.missing_blocks == [2, 3, 6, 7]
     assert "2:4, 6:8" in str(info.value) and info.value.code_name == "NO_ROUTE"
+
+
+def test_swarm_summary_shows_coverage_and_gaps() -> None:
+    from node.blocks.swarm import summarize
+    from proto.records import NodeRecord
+
+    def node(peer: str, start: int, end: int) -> NodeRecord:
+        return NodeRecord(peer_id=peer, address=f"{peer}:1", group="g", models=("m",), start_block=start,
+                          end_block=end, num_blocks=8)
+
+    summary = summarize([node("a", 0, 3), node("b", 2, 4), node("c", 6, 7)])
+    assert summary["models"]["m"]["servers_per_block"] == [1, 1, 2, 1, 0, 0, 1, 0]
+    assert summary["models"]["m"]["gaps"] == ["4:6", "7:8"] and not summary["models"]["m"]["complete"]

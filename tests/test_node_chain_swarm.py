@@ -6,7 +6,9 @@ The tests in this module share the swarm and run in order: the last one kills no
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from node.blocks.chain_engine import ChainConfig, ChainEngine
 from node.blocks.dht import SwarmDHT
+from node.blocks.swarm import add_swarm_parser
 from node.engine import GenerationRequest
 from proto.errors import NoRouteError
 from tests.helpers_node import ServerProcess, reference_generate, start_servers
@@ -68,6 +71,17 @@ async def test_final_hidden_states_match_the_whole_model(engine: ChainEngine, ti
     with torch.no_grad():
         expected = model.model(torch.tensor([PROMPT])).last_hidden_state
     assert (engine.driver.norm(hidden) - expected).abs().max().item() < 1e-4
+
+
+def test_swarm_command_prints_nodes_and_coverage(swarm: list[ServerProcess], capsys) -> None:
+    parser = argparse.ArgumentParser()
+    add_swarm_parser(parser.add_subparsers())
+    args = parser.parse_args(["swarm", "--initial-peers", *swarm[0].maddrs, "--json"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {n["peer_id"] for n in summary["nodes"]} == {s.peer_id for s in swarm}
+    assert summary["models"]["tiny"]["servers_per_block"] == [1, 1, 2, 2]
+    assert summary["models"]["tiny"]["gaps"] == [] and summary["models"]["tiny"]["complete"]
 
 
 async def test_sigkill_of_serving_replica_mid_generation_then_no_route(

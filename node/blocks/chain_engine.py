@@ -69,11 +69,12 @@ class _Span:
 
     hop: Hop
     remote: RemoteSpan
-    inputs: list[torch.Tensor]  # every [B, T, H] sent to this span, in order
+    inputs: list[torch.Tensor] = field(default_factory=list)  # every [B, T, H] sent to this span, in order
+    length: int = 0  # tokens in the peer's cache (sum of the inputs' T)
 
-    @property
-    def length(self) -> int:
-        return sum(x.shape[1] for x in self.inputs)
+    def record(self, hidden: torch.Tensor) -> None:
+        self.inputs.append(hidden)
+        self.length += hidden.shape[1]
 
 
 class ChainSession:
@@ -87,7 +88,7 @@ class ChainSession:
 
     async def open(self) -> ChainSession:
         hops = await self.engine.route(0, self.engine.num_blocks)
-        self.spans = [_Span(hop, self.engine.remote(hop, self.max_length), []) for hop in hops]
+        self.spans = [_Span(hop, self.engine.remote(hop, self.max_length)) for hop in hops]
         self.engine.sessions.add(self)
         return self
 
@@ -107,7 +108,7 @@ class ChainSession:
                 self.spans[i : i + 1] = replacement
                 i += len(replacement)
                 continue
-            span.inputs.append(hidden)
+            span.record(hidden)
             hidden = out
             i += 1
         return hidden
@@ -129,12 +130,12 @@ class ChainSession:
                     "The swarm is unstable or overloaded; retry later"
                 )
             hops = await self.engine.route(old.hop.start, old.hop.end, refresh=True)
-            spans = [_Span(hop, self.engine.remote(hop, self.max_length), []) for hop in hops]
+            spans = [_Span(hop, self.engine.remote(hop, self.max_length)) for hop in hops]
             replay = torch.cat([*history, current], dim=1)  # [B, past + T, H]
             try:
                 for span in spans:
                     out = await span.remote.step(replay, position=0)
-                    span.inputs.append(replay)
+                    span.record(replay)
                     replay = out
             except HopFailure as again:
                 failure = again

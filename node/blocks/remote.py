@@ -123,7 +123,8 @@ class RemoteSpan:
             message.end_block = self.hop.end
             message.max_length = self.max_length
         try:
-            reply = await asyncio.wait_for(self._exchange(message), self.step_timeout_s)
+            async with asyncio.timeout(self.step_timeout_s):  # no extra task per step, unlike wait_for
+                reply = await self._exchange(message)
         except TimeoutError:
             self._call.cancel()
             raise HopFailure(self.hop, f"no reply within {self.step_timeout_s:.1f} s") from None

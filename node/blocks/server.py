@@ -45,6 +45,7 @@ class ServerLimits:
     max_batch: int = 8  # sequences per session
     max_length: int = 2048  # tokens per session (also capped by the model's max positions)
     max_sessions: int = 256  # open sessions, all peers together
+    inline_tokens: int = 4  # steps of at most this many tokens compute on the event loop (no thread hand-off)
 
     def max_tensor_bytes(self, hidden_size: int) -> int:
         return self.max_batch * self.max_length * hidden_size * 4  # fp32 is the widest dtype accepted
@@ -160,6 +161,10 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
     async def _run(
         self, hidden: torch.Tensor, *, start: int, end: int, position: int, cache: SessionCache | None
     ) -> torch.Tensor:
+        if hidden.shape[0] * hidden.shape[1] <= self.limits.inline_tokens:
+            # a decode step takes milliseconds: computing it right here saves two thread hand-offs per
+            # token, which is most of what a hop costs on loopback
+            return run_span(self.span, hidden, position=position, cache=cache, start=start, end=end)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._compute, lambda: run_span(self.span, hidden, position=position, cache=cache, start=start, end=end)

@@ -1,0 +1,216 @@
+"""Sharded chain vs one process: greedy decode speed of the `small` model on loopback.
+
+Measures, on one prompt:
+- ``single``: transformers ``generate`` on the whole model in this process (the reference);
+- ``local``: the same blocks through node.blocks.block_functions in this process (no network),
+  which isolates what the network adds;
+- ``chain2`` / ``chain3``: ChainEngine driving 2 / 3 block-server processes found through
+  the real DHT, all on loopback.
+
+Decode speed is tokens/s after the first token (prefill excluded, reported apart).
+``hop_overhead_ms`` = (chain3 per-token time - local per-token time) / 3: what one hop adds
+per token. The last line is a JSON object.
+
+    .venv/bin/python scripts/bench/chain.py [--quick] [--model .cache/models/small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from node.blocks.block_functions import BlockSpan, run_span  # noqa: E402
+from node.blocks.chain_engine import ChainEngine  # noqa: E402
+from node.blocks.dht import SwarmDHT  # noqa: E402
+from node.blocks.kv_cache import SessionCache  # noqa: E402
+from node.blocks.loader import load_blocks, load_config, load_driver_parts  # noqa: E402
+from node.engine import GenerationRequest  # noqa: E402
+
+
+def decode_rate(stamps: list[float], start: float) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) from per-token timestamps."""
+    prefill = stamps[0] - start
+    return prefill, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
+class Stamps:
+    """A transformers streamer that timestamps each generated token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.calls = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls > 1:  # the first put is the prompt
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class Single:
+    """transformers ``generate`` on the whole model in this process."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import LlamaForCausalLM
+
+        self.model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+
+    def run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
+        ids = torch.tensor([prompt])
+        streamer = Stamps()
+        start = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                  streamer=streamer)
+        prefill, rate = decode_rate(streamer.times, start)
+        return out[0, len(prompt):].tolist(), prefill, rate
+
+
+class Local:
+    """All blocks through node.blocks.block_functions in this process: the chain minus the network."""
+
+    def __init__(self, model_dir: Path) -> None:
+        config = load_config(model_dir)
+        self.span = BlockSpan.create(config, load_blocks(model_dir, config, 0, config.num_hidden_layers), 0)
+        self.driver = load_driver_parts(model_dir, config)
+
+    def run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
+        cache = SessionCache(self.span.cache_spec(0, self.span.end, batch=1, max_length=len(prompt) + new))
+        start = time.perf_counter()
+        hidden = self.driver.embed_ids(torch.tensor([prompt]))
+        tokens, stamps = [], []
+        for _ in range(new):
+            out = run_span(self.span, hidden, position=cache.length, cache=cache)
+            tokens.append(int(self.driver.logits(out[:, -1:])[0, -1].argmax()))
+            stamps.append(time.perf_counter())
+            hidden = self.driver.embed_ids(torch.tensor([[tokens[-1]]]))
+        prefill, rate = decode_rate(stamps, start)
+        return tokens, prefill, rate
+
+
+def spawn(model_dir: Path, name: str, blocks: str, peers: list[str]) -> tuple[subprocess.Popen[str], dict]:
+    cmd = [sys.executable, "-m", "node.blocks.serve_main", "--model", str(model_dir), "--name", name,
+           "--blocks", blocks, "--initial-peers", *peers]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("{"):
+        proc.kill()
+        raise RuntimeError(f"server {blocks} did not start")
+    return proc, json.loads(line)
+
+
+class Chain:
+    """ChainEngine over block-server processes (one DHT for all benchmarks)."""
+
+    def __init__(self, engine: ChainEngine) -> None:
+        self.engine = engine
+
+    async def run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
+        stamps: list[float] = []
+        tokens: list[int] = []
+        start = time.perf_counter()
+        async for token in self.engine.generate(GenerationRequest(prompt_ids=tuple(prompt), max_new_tokens=new)):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+        prefill, rate = decode_rate(stamps, start)
+        return tokens, prefill, rate
+
+
+async def run_all(model_dir: Path, prompt: list[int], new: int, rounds: int) -> dict[str, list[tuple]]:
+    layers = int(load_config(model_dir).num_hidden_layers)
+    third, half = layers // 3, layers // 2
+    layouts = {"chain2": [f"0:{half}", f"{half}:{layers}"],
+               "chain3": [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{layers}"]}
+    procs: list[subprocess.Popen[str]] = []
+    peers: list[str] = []
+    try:
+        for name, ranges in layouts.items():
+            for blocks in ranges:
+                proc, info = spawn(model_dir, name, blocks, peers)
+                procs.append(proc)
+                peers = peers or info["dht_maddrs"]
+        dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=peers, client_mode=True)
+        engines = {name: ChainEngine(model_path=str(model_dir), model_name=name, records=dht) for name in layouts}
+        runners: dict[str, object] = {"single": Single(model_dir), "local": Local(model_dir)}
+        runners.update({name: Chain(engine) for name, engine in engines.items()})
+        results: dict[str, list[tuple]] = {name: [] for name in runners}
+        for round_ in range(rounds + 1):  # round 0 warms up (connections, routes, allocator)
+            for name, runner in runners.items():
+                outcome = runner.run(prompt, new if round_ else 4)  # type: ignore[attr-defined]
+                if asyncio.iscoroutine(outcome):
+                    outcome = await outcome
+                if round_:
+                    results[name].append(outcome)
+        for engine in engines.values():
+            await engine.close()
+        await asyncio.to_thread(dht.shutdown)
+        return results
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / ".cache" / "models" / "small"))
+    parser.add_argument("--quick", action="store_true", help="fewer tokens (CI-sized run)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    args = parser.parse_args()
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        print(f"build the model first: dinet-node make-model {model_dir} --preset small", file=sys.stderr)
+        return 2
+    new, rounds = (24, 2) if args.quick else (64, 4)
+    prompt = [100 + (i * 37) % 4000 for i in range(args.prompt_tokens)]
+    load_before = os.getloadavg()[0]
+    results = asyncio.run(run_all(model_dir, prompt, new, rounds))
+    rate = {name: statistics.median(r[2] for r in runs) for name, runs in results.items()}
+    prefill = {name: round(statistics.median(r[1] for r in runs) * 1000, 1) for name, runs in results.items()}
+    tokens = {name: runs[0][0] for name, runs in results.items()}
+    single, local, chain2, chain3 = rate["single"], rate["local"], rate["chain2"], rate["chain3"]
+    per_token = {name: 1000.0 / value for name, value in rate.items()}
+    result = {
+        "model": model_dir.name,
+        "new_tokens": new,
+        "prompt_tokens": len(prompt),
+        "rounds": rounds,
+        "single_tok_s": round(single, 2),
+        "local_blocks_tok_s": round(local, 2),
+        "chain2_tok_s": round(chain2, 2),
+        "chain3_tok_s": round(chain3, 2),
+        "chain2_ratio": round(chain2 / single, 3),
+        "chain3_ratio": round(chain3 / single, 3),
+        "chain2_vs_local": round(chain2 / local, 3),
+        "hop_overhead_ms": round((per_token["chain3"] - per_token["local"]) / 3, 3),
+        "hop_overhead_ms_chain2": round((per_token["chain2"] - per_token["local"]) / 2, 3),
+        "prefill_ms": prefill,
+        "identical_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": round(load_before, 2),
+    }
+    print(f"single {single:.1f} tok/s | local blocks {local:.1f} | chain2 {chain2:.1f} | chain3 {chain3:.1f}",
+          file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
