@@ -82,12 +82,21 @@ class Single:
 class Local:
     """All blocks through node.blocks.block_functions in this process: the chain minus the network."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        self.threads = threads
         config = load_config(model_dir)
         self.span = BlockSpan.create(config, load_blocks(model_dir, config, 0, config.num_hidden_layers), 0)
         self.driver = load_driver_parts(model_dir, config)
 
     def run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # what each block server gets
+        try:
+            return self._run(prompt, new)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
         cache = SessionCache(self.span.cache_spec(0, self.span.end, batch=1, max_length=len(prompt) + new))
         start = time.perf_counter()
         hidden = self.driver.embed_ids(torch.tensor([prompt]))
@@ -101,11 +110,13 @@ class Local:
         return tokens, prefill, rate
 
 
-def spawn(model_dir: Path, name: str, blocks: str, peers: list[str]) -> tuple[subprocess.Popen[str], dict]:
+def spawn(
+    model_dir: Path, name: str, blocks: str, peers: list[str], threads: int
+) -> tuple[subprocess.Popen[str], dict]:
     cmd = [sys.executable, "-m", "node.blocks.serve_main", "--model", str(model_dir), "--name", name,
-           "--blocks", blocks, "--initial-peers", *peers]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+           "--blocks", blocks, "--threads", str(threads), "--initial-peers", *peers]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("{"):
@@ -131,7 +142,9 @@ class Chain:
         return tokens, prefill, rate
 
 
-async def run_all(model_dir: Path, prompt: list[int], new: int, rounds: int) -> dict[str, list[tuple]]:
+async def run_all(
+    model_dir: Path, prompt: list[int], new: int, rounds: int, threads: int
+) -> dict[str, list[tuple]]:
     layers = int(load_config(model_dir).num_hidden_layers)
     third, half = layers // 3, layers // 2
     layouts = {"chain2": [f"0:{half}", f"{half}:{layers}"],
@@ -141,12 +154,12 @@ async def run_all(model_dir: Path, prompt: list[int], new: int, rounds: int) -> 
     try:
         for name, ranges in layouts.items():
             for blocks in ranges:
-                proc, info = spawn(model_dir, name, blocks, peers)
+                proc, info = spawn(model_dir, name, blocks, peers, threads)
                 procs.append(proc)
                 peers = peers or info["dht_maddrs"]
         dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=peers, client_mode=True)
         engines = {name: ChainEngine(model_path=str(model_dir), model_name=name, records=dht) for name in layouts}
-        runners: dict[str, object] = {"single": Single(model_dir), "local": Local(model_dir)}
+        runners: dict[str, object] = {"single": Single(model_dir), "local": Local(model_dir, threads)}
         runners.update({name: Chain(engine) for name, engine in engines.items()})
         results: dict[str, list[tuple]] = {name: [] for name in runners}
         for round_ in range(rounds + 1):  # round 0 warms up (connections, routes, allocator)
@@ -172,6 +185,9 @@ def main() -> int:
     parser.add_argument("--model", default=str(ROOT / ".cache" / "models" / "small"))
     parser.add_argument("--quick", action="store_true", help="fewer tokens (CI-sized run)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="torch threads per block server, and for the local baseline (default 1: on a 2-core "
+                        "host, 2-3 servers with 2 threads each only fight over the cores)")
     args = parser.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
@@ -180,7 +196,7 @@ def main() -> int:
     new, rounds = (24, 2) if args.quick else (64, 4)
     prompt = [100 + (i * 37) % 4000 for i in range(args.prompt_tokens)]
     load_before = os.getloadavg()[0]
-    results = asyncio.run(run_all(model_dir, prompt, new, rounds))
+    results = asyncio.run(run_all(model_dir, prompt, new, rounds, args.server_threads))
     rate = {name: statistics.median(r[2] for r in runs) for name, runs in results.items()}
     prefill = {name: round(statistics.median(r[1] for r in runs) * 1000, 1) for name, runs in results.items()}
     tokens = {name: runs[0][0] for name, runs in results.items()}
@@ -202,7 +218,8 @@ def main() -> int:
         "hop_overhead_ms_chain2": round((per_token["chain2"] - per_token["local"]) / 2, 3),
         "prefill_ms": prefill,
         "identical_tokens": len({tuple(t) for t in tokens.values()}) == 1,
-        "torch_threads": torch.get_num_threads(),
+        "single_threads": torch.get_num_threads(),
+        "server_threads": args.server_threads,
         "cpus": os.cpu_count(),
         "loadavg_before": round(load_before, 2),
     }
