@@ -23,6 +23,12 @@ def test_ngram_drafter_copies_what_followed_the_latest_match_of_the_longest_suff
     assert drafter.propose(tokens, 1) == [7]
 
 
+def test_ngram_drafter_keeps_copying_through_a_periodic_tail():
+    drafter = NgramDrafter(max_ngram=3)
+    assert drafter.propose([5, 9, 9, 9], 4) == [9, 9, 9, 9]
+    assert drafter.propose([7, 1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
+
+
 def test_ngram_drafter_falls_back_to_shorter_suffixes_and_returns_nothing_without_a_match():
     drafter = NgramDrafter(max_ngram=3, min_ngram=1)
     assert drafter.propose([4, 5, 6, 4], 2) == [5, 6]  # only the 1-gram [4] matches

@@ -4,8 +4,10 @@ Every session's Inference stream submits its steps here instead of computing the
 loop takes what is pending, picks a batch with :func:`plan_batch` (decode and verification steps
 first, prefill chunks in the remaining token budget), runs it as one ragged forward in a worker
 thread, and resolves each step. Sessions join and leave between steps; nobody waits for a batch
-to finish generating. A session may ask to run alone (the baseline method) or to wait for
-companions for a few milliseconds first (dynamic batching).
+to finish generating. Because a driver hands its sessions' steps to a hop one after another, the
+loop waits a little (``gather_ms``, cut short after ``gap_ms`` without arrivals) for the other
+sessions it knows are open, instead of running a fragment of them. A session may ask to run
+alone (the baseline method) or to wait for companions for a few milliseconds first (dynamic batching).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class StepBatcher:
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinet-blocks")
         self._task: asyncio.Task[None] | None = None
+        self._batching_sessions = 0  # open sessions that share forwards (their steps are worth waiting for)
+        self._last_submit = 0.0
 
     async def start(self) -> None:
         if self._task is None:
@@ -71,6 +75,13 @@ class StepBatcher:
         self._pending.clear()
         self._pool.shutdown(wait=True)
 
+    def session_opened(self, *, batching: bool) -> None:
+        self._batching_sessions += int(batching)
+
+    def session_closed(self, *, batching: bool) -> None:
+        self._batching_sessions -= int(batching)
+        self._wake.set()  # one fewer session to wait for
+
     async def submit(
         self, kv: SequenceKV, hidden: torch.Tensor, *, solo: bool = False, window_ms: float | None = None
     ) -> torch.Tensor:
@@ -82,6 +93,7 @@ class StepBatcher:
         self._pending.append(
             _Pending(StepItem(kv, hidden), solo, window / 1000.0, time.monotonic(), future)
         )
+        self._last_submit = time.monotonic()
         self._wake.set()
         return await future
 
@@ -99,11 +111,20 @@ class StepBatcher:
         first = self._pending[0]
         if first.solo or self.policy.max_seqs == 1:
             return [first]
-        deadline = first.arrival + first.window_s
-        while len(self._batchable()) < self.policy.max_seqs and time.monotonic() < deadline:
+        window_end = first.arrival + first.window_s  # dynamic batching: a fixed wait
+        gather_end = first.arrival + self.policy.gather_ms / 1000.0
+        gap = self.policy.gap_ms / 1000.0
+        while (waiting := len(self._batchable())) < self.policy.max_seqs:
+            now = time.monotonic()
+            if now < window_end:
+                until = window_end
+            elif waiting >= self._batching_sessions or now >= gather_end or now - self._last_submit >= gap:
+                break
+            else:
+                until = min(gather_end, self._last_submit + gap)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(self._wake.wait(), max(0.0, until - now))
         candidates = self._batchable()
         if first not in candidates:  # cancelled while waiting
             return [first]

@@ -22,10 +22,12 @@ class BatchPolicy:
     max_seqs: int = 16  # sessions per forward (1 = no batching: every step runs alone)
     max_tokens: int = 256  # new tokens per forward; decode steps always fit, prefill chunks share the rest
     window_ms: float = 0.0  # dynamic batching: wait this long after the first step for companions (0 = never)
+    gather_ms: float = 50.0  # continuous batching: longest wait for the other sessions open on this node
+    gap_ms: float = 8.0  # ...but stop waiting once no step has arrived for this long
 
     def __post_init__(self) -> None:
-        if self.max_seqs < 1 or self.max_tokens < 1 or self.window_ms < 0:
-            raise ValueError("max_seqs and max_tokens must be >= 1 and window_ms >= 0")
+        if self.max_seqs < 1 or self.max_tokens < 1 or min(self.window_ms, self.gather_ms, self.gap_ms) < 0:
+            raise ValueError("max_seqs and max_tokens must be >= 1 and the waits >= 0")
 
 
 def plan_batch(token_counts: Sequence[int], policy: BatchPolicy) -> list[int]:

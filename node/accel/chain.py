@@ -17,6 +17,7 @@ Greedy output is token-identical to the baseline for every lossless method.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,52 @@ class _ChainSession:
                 call.cancel()
 
 
+class _LogitsBatcher:
+    """Applies the LM head to the outputs of concurrent sessions in one matmul.
+
+    With many sessions decoding together, their last-hop replies arrive within a few milliseconds
+    of each other; one [sessions, hidden] x [hidden, vocab] product costs little more than one row,
+    so the driver's per-token work stops growing with concurrency.
+    """
+
+    def __init__(self, head: ModelHead, window_s: float) -> None:
+        self.head = head
+        self.window_s = window_s
+        self.open_sessions = 0
+        self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab]."""
+        if self.open_sessions <= 1:
+            return self.head.logits(hidden)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._pending.append((hidden, future))
+        if len(self._pending) >= self.open_sessions:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window_s, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        live = [(h, f) for h, f in pending if not f.done()]
+        if not live:
+            return
+        try:
+            out = self.head.logits(torch.cat([h for h, _ in live]))
+        except Exception as exc:  # e.g. out of memory: every waiting session gets the error
+            for _, future in live:
+                future.set_exception(exc)
+            return
+        for (_, future), part in zip(live, out.split([h.shape[0] for h, _ in live]), strict=True):
+            future.set_result(part)
+
+
 class AccelChain:
     """Generation over a fixed chain of hops; implements :class:`node.engine.Engine`."""
 
@@ -121,6 +168,7 @@ class AccelChain:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        self._logits = _LogitsBatcher(head, window_s=0.003)
         self._channels = [grpc.aio.insecure_channel(hop.address, options=options) for hop in self.hops]
         self._stubs = [blocks_pb2_grpc.BlockServiceStub(ch) for ch in self._channels]
 
@@ -173,14 +221,14 @@ class AccelChain:
             hashes = hashes[: (len(prompt) - 1) // self.prefix_block_tokens]
         generator = make_generator(request.seed)
         session, start = await self._open(method, hashes, max_length)
+        self._logits.open_sessions += 1
         try:
             out = torch.empty(0)
             for s, e in plan_chunks(len(prompt) - start, method.prefill_chunk):
                 out = await session.step(self.head.embed_tokens(prompt[start + s : start + e]), start + s)
             position = len(prompt)  # tokens in every hop's cache
-            token = choose_next_token(
-                self.head.logits(out[-1:])[0], temperature=request.temperature, top_p=request.top_p, generator=generator
-            )
+            logits = (await self._logits.logits(out[-1:]))[0]
+            token = choose_next_token(logits, temperature=request.temperature, top_p=request.top_p, generator=generator)
             generated = [token]
             yield token
             while len(generated) < request.max_new_tokens and token != request.eos_token_id:
@@ -188,10 +236,10 @@ class AccelChain:
                 drafts = drafter.propose(prompt + generated, min(k, budget)) if drafter is not None else []
                 out = await session.step(self.head.embed_tokens([token, *drafts]), position)
                 if drafts:
-                    verdict = verify_greedy(drafts, self.head.logits(out))
+                    verdict = verify_greedy(drafts, await self._logits.logits(out))
                     new, position = verdict.tokens, position + 1 + verdict.accepted
                 else:
-                    logits = self.head.logits(out[-1:])[0]
+                    logits = (await self._logits.logits(out[-1:]))[0]
                     new = [choose_next_token(logits, temperature=request.temperature, top_p=request.top_p,
                                              generator=generator)]
                     position += 1
@@ -201,4 +249,5 @@ class AccelChain:
                     if token == request.eos_token_id or len(generated) >= request.max_new_tokens:
                         break
         finally:
+            self._logits.open_sessions -= 1
             await session.close()

@@ -63,6 +63,7 @@ class AccelServerConfig:
     max_step_tokens: int = 4096  # most new tokens in one step
     session_idle_s: float = 120.0  # a session stream with no step for this long is closed
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
+    reply_delay_s: float = 0.0  # emulated network delay added before each step's reply (benchmarks only)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
 
@@ -168,6 +169,7 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         reserved = 0
         stored = 0  # leading prefix blocks already offered to the prefix cache
         self.active_sessions += 1
+        self.batcher.session_opened(batching=not options.solo)
         iterator = request_iterator.__aiter__()
         try:
             while True:
@@ -200,11 +202,14 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
                 kv.truncate(step.position)
                 out = await self.batcher.submit(kv, hidden, solo=options.solo, window_ms=options.window_ms)  # type: ignore[arg-type]
                 stored = self._offer_prefix(kv, options.prefix_hashes, stored)
+                if self.config.reply_delay_s > 0:
+                    await asyncio.sleep(self.config.reply_delay_s)
                 yield blocks_pb2.InferenceStepResult(hidden=encode_tensor(out.unsqueeze(0)), position=kv.length)
                 if step.close:
                     return
         finally:
             self.active_sessions -= 1
+            self.batcher.session_closed(batching=not options.solo)
             self.reserved_bytes -= reserved
             if lease is not None:
                 self.prefix_cache.release(lease)

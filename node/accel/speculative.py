@@ -27,7 +27,7 @@ class Drafter(Protocol):
 
 @dataclass(frozen=True)
 class NgramDrafter:
-    """Prompt-lookup drafting: find the latest earlier occurrence of the last n tokens, copy what followed."""
+    """Prompt-lookup drafting: find the latest earlier occurrence of the last n tokens, copy what followed it."""
 
     max_ngram: int = 3  # longest suffix tried first (more specific matches predict better)
     min_ngram: int = 1  # shortest suffix tried before giving up
@@ -45,9 +45,12 @@ class NgramDrafter:
             # latest earlier occurrence whose continuation is known (start < len - n)
             for start in range(len(seq) - n - 1, -1, -1):
                 if seq[start : start + n] == suffix:
-                    follow = seq[start + n : start + n + k]
-                    if follow:
-                        return follow
+                    # copy what followed, LZ77-style: a match that overlaps the end keeps copying its
+                    # own drafts, so a periodic tail (common in greedy output) yields k drafts, not 1
+                    extended = list(seq)
+                    for j in range(k):
+                        extended.append(extended[start + n + j])
+                    return extended[len(seq) :]
         return []
 
 

@@ -1,0 +1,394 @@
+"""Benchmark every acceleration method over a grid of workloads on a 2-node chain of the small model.
+
+Grid: concurrency 1/4/16 x prompt 32/512 tokens x shared prefix 0%/90% x output 16/128 tokens, plus a
+repetitive-text workload for prompt lookup, under >= 3 emulated hardware profiles (torch thread count,
+weight format, emulated network delay per hop). Two block servers run as separate processes
+(``python -m node.accel.serve``); this process drives requests through them with
+:class:`node.accel.chain.AccelChain`.
+
+Each cell runs ``concurrency`` requests at once and stops at ``--cell-cap-s`` (requests still running
+are cancelled and the cell is marked ``capped``): throughput = tokens produced / elapsed, TTFT = mean
+time to first token of the requests that got one, p99 latency over request latencies (a capped
+request counts with the elapsed time, a lower bound).
+
+Writes the cells as a meta-training dataset in the scheduler's format (docs/scheduler.md), a PNG of
+throughput per method and workload, prints a table, and prints as its last line a JSON object with
+``cb_speedup_c16``, ``prefix_ttft_speedup``, ``spec_speedup`` and ``rows``.
+
+Usage: ``.venv/bin/python scripts/bench/methods.py [--quick] [--out DIR] [--plot PNG]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from node.accel.chain import AccelChain, Hop  # noqa: E402
+from node.accel.executor import ModelHead  # noqa: E402
+from node.engine import GenerationRequest  # noqa: E402
+from proto.methods import METHODS  # noqa: E402
+
+logger = logging.getLogger("bench.methods")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An emulated consumer group: how its nodes compute and how far apart they are."""
+
+    name: str
+    threads: int  # torch intra-op threads per block server
+    weight_format: str  # fp32 | bf16 | int8
+    delay_ms: float  # emulated network delay added to every hop's reply
+    price_per_hour: float  # operator price, budget units
+
+    @property
+    def text(self) -> str:
+        return (f"CPU node, {self.threads} thread(s), {self.weight_format} weights, "
+                f"{self.delay_ms:g} ms emulated delay per hop")
+
+
+@dataclass(frozen=True)
+class Workload:
+    concurrency: int
+    prompt_tokens: int
+    shared_prefix: float  # fraction of the prompt shared by all requests (and a warm-up request)
+    max_new_tokens: int
+    repetitive: bool = False  # prompt is one short snippet repeated (prompt lookup's best case)
+
+    @property
+    def name(self) -> str:
+        kind = "rep" if self.repetitive else "txt"
+        return (f"{kind}-c{self.concurrency}-p{self.prompt_tokens}-s{int(self.shared_prefix * 100)}"
+                f"-o{self.max_new_tokens}")
+
+
+PROFILES = [
+    Profile("cpu2-fp32-lan", threads=2, weight_format="fp32", delay_ms=0.0, price_per_hour=1.0),
+    Profile("cpu1-bf16-lan", threads=1, weight_format="bf16", delay_ms=1.0, price_per_hour=0.5),
+    Profile("cpu2-int8-wan", threads=2, weight_format="int8", delay_ms=10.0, price_per_hour=0.7),
+]
+ALL_METHODS = ["baseline", "dynamic_batching", "continuous_batching", "prefix_caching", "chunked_prefill",
+               "spec_ngram", "all"]
+FEW_METHODS = ["baseline", "continuous_batching", "prefix_caching", "spec_ngram"]
+
+
+def full_grid() -> list[Workload]:
+    grid = [Workload(c, p, s, o) for c in (1, 4, 16) for p in (32, 512) for s in (0.0, 0.9) for o in (16, 128)]
+    return [*grid, Workload(1, 64, 0.0, 128, repetitive=True), Workload(4, 64, 0.0, 128, repetitive=True)]
+
+
+def quick_grid() -> list[Workload]:
+    return [Workload(16, 32, 0.0, 128), Workload(1, 512, 0.9, 16), Workload(1, 64, 0.0, 64, repetitive=True)]
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+class ServerProcs:
+    """Two block servers of one profile, as child processes."""
+
+    def __init__(self, model: Path, profile: Profile, splits: list[tuple[int, int]]) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.addresses: list[str] = []
+        env = {**os.environ, "OMP_NUM_THREADS": str(profile.threads), "PYTHONPATH": str(ROOT)}
+        for start, end in splits:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "node.accel.serve", "--model", str(model), "--model-name", model.name,
+                 "--blocks", f"{start}:{end}", "--weight-format", profile.weight_format,
+                 "--threads", str(profile.threads), "--delay-ms", str(profile.delay_ms)],
+                stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            )
+            self.procs.append(proc)
+        for proc in self.procs:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line.startswith("READY "):
+                self.stop()
+                raise RuntimeError(f"block server did not start (got {line!r})")
+            self.addresses.append(line.split()[1])
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+class PromptSource:
+    """Token ids of the tokenizer corpus, cut into prompts; every cell gets text no other cell used."""
+
+    def __init__(self, model: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from node.model_builder import corpus_text
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.ids: list[int] = tokenizer(corpus_text()[:400_000])["input_ids"]
+        self.cursor = 0
+
+    def take(self, n: int) -> list[int]:
+        if self.cursor + n > len(self.ids):
+            self.cursor = 0
+        out = self.ids[self.cursor : self.cursor + n]
+        self.cursor += n
+        return out
+
+    def prompts(self, w: Workload, count: int) -> list[list[int]]:
+        if w.repetitive:
+            snippet = self.take(16)
+            body = (snippet * (w.prompt_tokens // 16 + 1))[: w.prompt_tokens - 1]
+            return [[*body, self.take(1)[0]] for _ in range(count)]
+        shared = self.take(int(w.prompt_tokens * w.shared_prefix))
+        return [shared + self.take(w.prompt_tokens - len(shared)) for _ in range(count)]
+
+
+# -- one cell -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    throughput: float  # generated tokens per second, all requests together
+    ttft_s: float  # mean time to first token
+    p99_latency_s: float  # 99th percentile request latency
+    tokens: int
+    elapsed_s: float
+    capped: bool  # the cap ended the cell before every request finished
+
+
+async def run_requests(chain: AccelChain, prompts: list[list[int]], method: str, max_new: int,
+                       cap_s: float) -> CellResult:
+    begin = time.perf_counter()
+    first: list[float | None] = [None] * len(prompts)
+    done: list[float | None] = [None] * len(prompts)
+    counts = [0] * len(prompts)
+
+    async def one(i: int) -> None:
+        request = GenerationRequest(prompt_ids=tuple(prompts[i]), max_new_tokens=max_new, method=method)
+        async for _ in chain.generate(request):
+            counts[i] += 1
+            if first[i] is None:
+                first[i] = time.perf_counter() - begin
+        done[i] = time.perf_counter() - begin
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
+    _, pending = await asyncio.wait(tasks, timeout=cap_s)
+    for task in pending:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    elapsed = max(d for d in done if d is not None) if not pending else cap_s
+    latencies = sorted(d if d is not None else elapsed for d in done)
+    firsts = [f for f in first if f is not None]
+    p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
+    return CellResult(
+        throughput=sum(counts) / elapsed,
+        ttft_s=sum(firsts) / len(firsts) if firsts else elapsed,
+        p99_latency_s=p99,
+        tokens=sum(counts),
+        elapsed_s=elapsed,
+        capped=bool(pending),
+    )
+
+
+async def run_cell(chain: AccelChain, source: PromptSource, w: Workload, method: str, cap_s: float) -> CellResult:
+    prompts = source.prompts(w, w.concurrency + 1)
+    if w.shared_prefix > 0:  # recent traffic with the same prefix; fills the prefix caches of methods using them
+        await run_requests(chain, prompts[-1:], method, 1, cap_s)
+    result = await run_requests(chain, prompts[: w.concurrency], method, w.max_new_tokens, cap_s)
+    await asyncio.sleep(0.1)  # let cancelled sessions drain out of the servers
+    return result
+
+
+# -- dataset, table, plot -------------------------------------------------------------------------
+
+
+def weight_bits(fmt: str) -> float:
+    return {"fp32": 32.0, "bf16": 16.0, "int8": 8.0}[fmt]
+
+
+def make_row(profile: Profile, w: Workload, method: str, r: CellResult) -> dict[str, object]:
+    m = METHODS[method]
+    row: dict[str, object] = {
+        "task": w.name,
+        "method": method,
+        "hardware": profile.name,
+        "performance": r.throughput,
+        "runtime_s": r.elapsed_s,
+        "ttft_s": r.ttft_s,
+        "p99_latency_s": r.p99_latency_s,
+        "tokens": r.tokens,
+        "capped": r.capped,
+        "task_text": (f"{w.concurrency} concurrent requests, {w.prompt_tokens}-token "
+                      f"{'repetitive' if w.repetitive else 'prose'} prompts sharing {w.shared_prefix:.0%} "
+                      f"of their tokens, {w.max_new_tokens} new tokens each"),
+        "method_text": f"{method}: {m}",
+        "hardware_text": profile.text,
+        "task.prompt_tokens": float(w.prompt_tokens),
+        "task.max_new_tokens": float(w.max_new_tokens),
+        "task.shared_prefix": w.shared_prefix,
+        "task.concurrency": float(w.concurrency),
+        "task.repetitive": float(w.repetitive),
+        "hw.threads": float(profile.threads),
+        "hw.weight_bits": weight_bits(profile.weight_format),
+        "hw.delay_ms": profile.delay_ms,
+        "cost_per_hour": profile.price_per_hour,
+    }
+    row.update(m.features())
+    return row
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    print("| hardware | workload | method | tok/s | TTFT s | p99 s | capped |")
+    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r['hardware']} | {r['task']} | {r['method']} | {float(r['performance']):.1f} "  # type: ignore[arg-type]
+              f"| {float(r['ttft_s']):.3f} | {float(r['p99_latency_s']):.2f} | {'yes' if r['capped'] else ''} |",  # type: ignore[arg-type]
+              flush=True)
+
+
+def write_plot(rows: list[dict[str, object]], path: Path, profile: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r["hardware"] == profile]
+    tasks = list(dict.fromkeys(str(r["task"]) for r in mine))
+    methods = list(dict.fromkeys(str(r["method"]) for r in mine))
+    fig, ax = plt.subplots(figsize=(max(8, len(tasks) * 0.6), 5))
+    width = 0.8 / max(1, len(methods))
+    for j, method in enumerate(methods):
+        values = {str(r["task"]): float(r["performance"]) for r in mine if r["method"] == method}  # type: ignore[arg-type]
+        ax.bar([i + j * width for i in range(len(tasks))], [values.get(t, 0.0) for t in tasks], width, label=method)
+    ax.set_xticks([i + 0.4 for i in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("tokens / s (all requests)")
+    ax.set_yscale("log")
+    ax.set_title(f"dinet acceleration methods, small model, 2-node chain, profile {profile}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ratio(rows: list[dict[str, object]], profile: str, task: str, num: str, den: str, key: str,
+          invert: bool = False) -> float | None:
+    def get(method: str) -> float | None:
+        for r in rows:
+            if r["hardware"] == profile and r["task"] == task and r["method"] == method:
+                return float(r[key])  # type: ignore[arg-type]
+        return None
+
+    a, b = get(num), get(den)
+    if a is None or b is None or min(a, b) <= 0:
+        return None
+    return round(b / a if invert else a / b, 3)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
+    model = args.model
+    source = PromptSource(model)
+    head = ModelHead.load(model)
+    layers = int(head.config.num_hidden_layers)
+    splits = [(0, layers // 2), (layers // 2, layers)]
+    profiles = PROFILES[:1] if args.quick else PROFILES[: args.profiles]
+    grid = quick_grid() if args.quick else full_grid()
+    rows: list[dict[str, object]] = []
+    for pi, profile in enumerate(profiles):
+        methods = ALL_METHODS if (pi == 0 and not args.few_methods) else FEW_METHODS
+        if args.quick:
+            methods = ["baseline", "continuous_batching", "prefix_caching", "spec_ngram"]
+        servers = ServerProcs(model, profile, splits)
+        chain = AccelChain(model_name=model.name, head=head,
+                           hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)])
+        try:
+            await run_cell(chain, source, Workload(1, 32, 0.0, 4), "baseline", args.cell_cap_s)  # warm-up
+            for w in grid:
+                for method in methods:
+                    result = await run_cell(chain, source, w, method, args.cell_cap_s)
+                    row = make_row(profile, w, method, result)
+                    rows.append(row)
+                    if args.verbose:
+                        print_table([row])
+        finally:
+            await chain.close()
+            servers.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few cells on one profile (minutes)")
+    parser.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "small")
+    parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "methods")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: OUT/methods_throughput.png)")
+    parser.add_argument("--cell-cap-s", type=float, default=8.0, help="wall-clock cap per cell")
+    parser.add_argument("--profiles", type=int, default=3, help="how many emulated hardware profiles (full run)")
+    parser.add_argument("--few-methods", action="store_true", help="4 methods on every profile")
+    parser.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # the driver only embeds and applies the LM head; leave the cores to the servers
+    if not (args.model / "config.json").exists():
+        print(f"model {args.model} missing; build it: .venv/bin/dinet-node make-model {args.model} --preset small",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    rows = asyncio.run(bench(args))
+    import pandas as pd
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(args.out / "methods_dataset.csv", index=False)
+    frame.to_parquet(args.out / "methods_dataset.parquet", index=False)
+    plot = args.plot or args.out / "methods_throughput.png"
+    write_plot(rows, plot, PROFILES[0].name)
+    print_table(rows)
+    p0 = PROFILES[0].name
+    quick = args.quick
+    cb_task = "txt-c16-p32-s0-o128"
+    summary = {
+        "cb_speedup_c16": ratio(rows, p0, cb_task, "continuous_batching", "baseline", "performance"),
+        "prefix_ttft_speedup": ratio(rows, p0, "txt-c1-p512-s90-o16", "prefix_caching", "baseline", "ttft_s",
+                                     invert=True),
+        "spec_speedup": ratio(rows, p0, "rep-c1-p64-s0-o64" if quick else "rep-c1-p64-s0-o128", "spec_ngram",
+                              "baseline", "performance"),
+        "rows": len(rows),
+        "profiles": len({r["hardware"] for r in rows}),
+        "capped_cells": sum(1 for r in rows if r["capped"]),
+        "dataset": str(args.out / "methods_dataset.parquet"),
+        "plot": str(plot),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
