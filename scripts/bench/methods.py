@@ -78,8 +78,10 @@ class Workload:
 
 
 PROFILES = [
-    Profile("cpu2-fp32-lan", threads=2, weight_format="fp32", delay_ms=0.0, price_per_hour=1.0),
+    # one thread per server: the two hops of the chain get a core each on a 2-core machine
+    Profile("cpu1-fp32-lan", threads=1, weight_format="fp32", delay_ms=0.0, price_per_hour=1.0),
     Profile("cpu1-bf16-lan", threads=1, weight_format="bf16", delay_ms=1.0, price_per_hour=0.5),
+    # two threads per server: oversubscribed cores, int8 weights, and a WAN-like delay per hop
     Profile("cpu2-int8-wan", threads=2, weight_format="int8", delay_ms=10.0, price_per_hour=0.7),
 ]
 ALL_METHODS = ["baseline", "dynamic_batching", "continuous_batching", "prefix_caching", "chunked_prefill",
@@ -212,8 +214,8 @@ async def run_requests(chain: AccelChain, prompts: list[list[int]], method: str,
     )
 
 
-async def run_cell(chain: AccelChain, source: PromptSource, w: Workload, method: str, cap_s: float) -> CellResult:
-    prompts = source.prompts(w, w.concurrency + 1)
+async def run_cell(chain: AccelChain, prompts: list[list[int]], w: Workload, method: str, cap_s: float) -> CellResult:
+    """``prompts``: ``concurrency`` measured prompts plus one warm-up prompt sharing their prefix."""
     if w.shared_prefix > 0:  # recent traffic with the same prefix; fills the prefix caches of methods using them
         await run_requests(chain, prompts[-1:], method, 1, cap_s)
     result = await run_requests(chain, prompts[: w.concurrency], method, w.max_new_tokens, cap_s)
@@ -328,10 +330,16 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
         chain = AccelChain(model_name=model.name, head=head,
                            hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)])
         try:
-            await run_cell(chain, source, Workload(1, 32, 0.0, 4), "baseline", args.cell_cap_s)  # warm-up
+            warm = Workload(1, 32, 0.0, 4)
+            await run_cell(chain, source.prompts(warm, 2), warm, "baseline", args.cell_cap_s)  # warm-up
             for w in grid:
+                # the same prompts for every method of a workload, so methods are compared on equal text;
+                # methods that fill prefix caches get fresh text, so none reuses another method's prompts
+                shared_text = source.prompts(w, w.concurrency + 1)
                 for method in methods:
-                    result = await run_cell(chain, source, w, method, args.cell_cap_s)
+                    fresh = METHODS[method].prefix_caching
+                    prompts = source.prompts(w, w.concurrency + 1) if fresh else shared_text
+                    result = await run_cell(chain, prompts, w, method, args.cell_cap_s)
                     row = make_row(profile, w, method, result)
                     rows.append(row)
                     if args.verbose:
