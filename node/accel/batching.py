@@ -22,8 +22,8 @@ class BatchPolicy:
     max_seqs: int = 16  # sessions per forward (1 = no batching: every step runs alone)
     max_tokens: int = 256  # new tokens per forward; decode steps always fit, prefill chunks share the rest
     window_ms: float = 0.0  # dynamic batching: wait this long after the first step for companions (0 = never)
-    gather_ms: float = 50.0  # continuous batching: longest wait for the other sessions open on this node
-    gap_ms: float = 8.0  # ...but stop waiting once no step has arrived for this long
+    gather_ms: float = 40.0  # continuous batching: longest wait for the other sessions open on this node
+    gap_ms: float = 5.0  # ...but stop waiting once no step has arrived for this long
 
     def __post_init__(self) -> None:
         if self.max_seqs < 1 or self.max_tokens < 1 or min(self.window_ms, self.gather_ms, self.gap_ms) < 0:
