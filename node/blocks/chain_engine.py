@@ -192,6 +192,12 @@ class ChainEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
         prompt = list(request.prompt_ids)
         self._check_request(prompt, request.max_new_tokens)
+        if request.method not in ("", "baseline"):  # acceleration methods: node/accel (docs/methods.md)
+            from node.accel.integration import generate_with_method
+
+            async for token in generate_with_method(self, request):
+                yield token
+            return
         generator = make_generator(request.seed)
         driver = self.driver
         session = await ChainSession(self, max_length=len(prompt) + request.max_new_tokens).open()
@@ -238,9 +244,10 @@ class ChainEngine:
         )
 
     async def ban(self, hop: Hop) -> None:
+        """Leave the peer out of routes for ``ban_s``. Its channel stays: other sessions on a peer that is
+        merely full (RESOURCE_EXHAUSTED) keep working, and gRPC reconnects by itself if it comes back."""
         self._banned[hop.peer_id] = time.monotonic() + self.config.ban_s
         self._rtt.pop(hop.peer_id, None)
-        await self.pool.discard(hop.address)
 
     # -- internals --------------------------------------------------------------------------------
 

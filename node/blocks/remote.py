@@ -65,12 +65,6 @@ class ChannelPool:
             self._channels[address] = channel
         return blocks_pb2_grpc.BlockServiceStub(channel)
 
-    async def discard(self, address: str) -> None:
-        """Drop a channel to a failed peer (a new one is made if it comes back)."""
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close(grace=None)
-
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
