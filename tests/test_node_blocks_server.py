@@ -26,7 +26,7 @@ async def node(tiny_model_path: Path) -> AsyncIterator[tuple[BlockSpan, blocks_p
     one_session = span.cache_spec(1, 3, batch=1, max_length=MAX_LENGTH).nbytes
     servicer = BlockServicer(
         span=span, model_name="tiny", caches=CacheManager(budget_bytes=int(1.5 * one_session), ttl_s=60),
-        limits=ServerLimits(max_batch=2, max_length=128),
+        limits=ServerLimits(max_batch=2, max_length=128, max_sessions_per_peer=3),
     )
     server, port = await start_grpc_server(servicer, "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(1 << 20))
@@ -89,6 +89,15 @@ async def test_full_node_and_bad_tensors_end_only_the_offending_stream(node) -> 
     assert await rejected(truncated) == grpc.StatusCode.INVALID_ARGUMENT
     assert await rejected(opening("long", torch.randn(1, 5, h), **small)) == grpc.StatusCode.OUT_OF_RANGE
     assert await rejected(opening("model", torch.randn(1, 2, h), model="other")) == grpc.StatusCode.NOT_FOUND
+
+    # one peer host may hold only max_sessions_per_peer (3) sessions, however much cache is free
+    tiny = [stub.Inference() for _ in range(2)]
+    for number, call in enumerate(tiny):
+        await call.write(opening(f"tiny{number}", torch.randn(1, 1, h), max_length=1))
+        await call.read()
+    assert await rejected(opening("fourth", torch.randn(1, 1, h), max_length=1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for call in tiny:
+        call.cancel()
 
     await healthy.write(blocks_pb2.InferenceStep(hidden=encode_tensor(torch.randn(1, 1, h)), position=3))
     assert (await healthy.read()).position == 4

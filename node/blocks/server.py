@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ServerLimits:
     max_batch: int = 8  # sequences per session
     max_length: int = 2048  # tokens per session (also capped by the model's max positions)
     max_sessions: int = 256  # open sessions, all peers together
+    max_sessions_per_peer: int = 64  # open sessions from one peer host (one stranger cannot take them all)
     inline_tokens: int = 4  # steps of at most this many tokens compute on the event loop (no thread hand-off)
 
     def max_tensor_bytes(self, hidden_size: int) -> int:
@@ -86,6 +88,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         self.max_length = min(limits.max_length, int(span.config.max_position_embeddings))
         self.tensor_limits = TensorLimits(max_bytes=limits.max_tensor_bytes(span.hidden_size))
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocks-compute")
+        self._per_peer: Counter[str] = Counter()  # open sessions by peer host
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -115,10 +118,15 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         session_id = ""
         cache: SessionCache | None = None
         start = end = 0
+        peer = _peer_host(context.peer())
         try:
             async for step in request_iterator:
                 if cache is None:
+                    if self._per_peer[peer] >= self.limits.max_sessions_per_peer:
+                        raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"{peer} already holds {self.limits.max_sessions_per_peer} sessions here")
                     session_id, start, end, cache = self._open(step)
+                    self._per_peer[peer] += 1
                 elif self.caches.get(session_id) is None:
                     raise StepError(grpc.StatusCode.ABORTED, f"session {session_id} expired; replay it")
                 if step.close and not step.HasField("hidden"):
@@ -135,6 +143,9 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         finally:
             if cache is not None:
                 self.caches.free(session_id)
+                self._per_peer[peer] -= 1
+                if self._per_peer[peer] <= 0:
+                    del self._per_peer[peer]
 
     async def Info(
         self, request: blocks_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -231,6 +242,11 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
             )
         if position < cache.length:
             cache.truncate(position)
+
+
+def _peer_host(peer: str) -> str:
+    """``"ipv4:127.0.0.1:5555"`` -> ``"ipv4:127.0.0.1"`` (sessions are counted per host, not per connection)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
