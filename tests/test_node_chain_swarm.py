@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def reference(tiny_model_path: Path) -> list[int]:
 async def engine(tiny_model_path: Path, swarm: list[ServerProcess]) -> AsyncIterator[ChainEngine]:
     dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=swarm[0].maddrs, client_mode=True)
     engine = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=dht,
-                         config=ChainConfig(step_timeout_s=10.0, records_max_age_s=0.0))
+                         config=ChainConfig(step_timeout_s=3.0, records_max_age_s=0.0))
     yield engine
     await engine.close()
     await asyncio.to_thread(dht.shutdown)
@@ -82,6 +83,26 @@ def test_swarm_command_prints_nodes_and_coverage(swarm: list[ServerProcess], cap
     assert {n["peer_id"] for n in summary["nodes"]} == {s.peer_id for s in swarm}
     assert summary["models"]["tiny"]["servers_per_block"] == [1, 1, 2, 2]
     assert summary["models"]["tiny"]["gaps"] == [] and summary["models"]["tiny"]["complete"]
+
+
+async def test_frozen_replica_times_out_and_its_span_moves(
+    engine: ChainEngine, swarm: list[ServerProcess], reference: list[int]
+) -> None:
+    by_peer = {server.peer_id: server for server in swarm}
+    tokens: list[int] = []
+    frozen: ServerProcess | None = None
+    try:
+        async for token in engine.generate(GenerationRequest(prompt_ids=PROMPT, max_new_tokens=NEW_TOKENS)):
+            tokens.append(token)
+            if len(tokens) == 6:
+                (session,) = engine.sessions
+                frozen = by_peer[session.hops[-1].peer_id]
+                frozen.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent: only the step timeout sees it
+    finally:
+        if frozen is not None:
+            frozen.proc.send_signal(signal.SIGCONT)
+    assert tokens == reference
+    assert frozen is not None and session.replacements == 1 and session.hops[-1].peer_id != frozen.peer_id
 
 
 async def test_sigkill_of_serving_replica_mid_generation_then_no_route(
