@@ -50,10 +50,14 @@ async def accel_chain(
                 cache_budget_bytes=cache_budget_bytes,
             )
             servers.append(await AccelBlockServer.create(config))
+        path: list[Hop] = []  # the first server of each span, when replicas are started too
+        for server in servers:
+            if server.config.start == (path[-1].end if path else 0):
+                path.append(Hop(server.address, server.config.start, server.config.end))
         driver = AccelChain(
             model_name=MODEL_NAME,
             head=ModelHead.load(model_path),
-            hops=[Hop(s.address, s.config.start, s.config.end) for s in servers],
+            hops=path,
             prefix_block_tokens=prefix_block_tokens,
         )
         yield Chain(servers, driver)
@@ -83,3 +87,29 @@ def reference_greedy(model_path: Path, prompts: Sequence[Sequence[int]], max_new
             )
         out.append(generated[0, len(prompt) :].tolist())
     return out
+
+
+@contextlib.asynccontextmanager
+async def plain_servers(
+    model_path: Path, splits: Sequence[tuple[int, int]]
+) -> AsyncIterator[list[tuple[str, int, int]]]:
+    """node.blocks' own (non-accelerated) block servers in this process; yields (address, start, end) each."""
+    from node.blocks.block_functions import BlockSpan
+    from node.blocks.kv_cache import CacheManager
+    from node.blocks.loader import load_blocks, load_config
+    from node.blocks.server import BlockServicer, ServerLimits, start_grpc_server
+
+    config = load_config(model_path)
+    started = []
+    try:
+        for start, end in splits:
+            span = BlockSpan.create(config, load_blocks(model_path, config, start, end), start)
+            servicer = BlockServicer(span=span, model_name=MODEL_NAME, caches=CacheManager(
+                budget_bytes=64 * 1024 * 1024, ttl_s=60.0, max_sessions=64), limits=ServerLimits())
+            server, port = await start_grpc_server(servicer, "127.0.0.1", 0)
+            started.append((server, servicer, f"127.0.0.1:{port}", start, end))
+        yield [(address, start, end) for _, _, address, start, end in started]
+    finally:
+        for server, servicer, *_ in started:
+            await server.stop(grace=None)
+            servicer.close()

@@ -193,6 +193,10 @@ class ModelHead(nn.Module):
         lm_head.weight.data.copy_(head_weight)
         return cls(config, embed, norm, lm_head).eval()
 
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
     @torch.inference_mode()
     def embed_tokens(self, token_ids: Sequence[int]) -> torch.Tensor:
         """[n] token ids -> [n, hidden] fp32 embeddings."""

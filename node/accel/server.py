@@ -181,8 +181,8 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "session idle for too long; closed")
                     return
                 try:
-                    self._check_span(step.model, step.start_block, step.end_block)
-                    if kv is None:
+                    if kv is None:  # the session's target travels in its first step (later ones may omit it)
+                        self._check_span(step.model, step.start_block, step.end_block)
                         kv, reserved = self._open_session(step, lease)
                         stored = kv.length // self.config.prefix_block_tokens
                     if step.close and not step.HasField("hidden"):
@@ -275,6 +275,10 @@ class AccelBlockServer:
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
+            # drivers keep their channels alive with pings (node.blocks.server.grpc_options): accept them
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
         server = grpc.aio.server(options=options)
         blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)

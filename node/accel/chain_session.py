@@ -1,0 +1,152 @@
+"""One request's open Inference streams along a chain, and the driver-side LM-head batcher.
+
+Split from :mod:`node.accel.chain` so the generation loop there reads as the method logic only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import torch
+
+from proto import blocks_pb2
+from proto.codec import TensorDecodeError, decode_tensor, encode_tensor
+
+# peer statuses after which another attempt (on a new route) can succeed
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One server of the chain and the blocks it runs for us."""
+
+    address: str  # host:port of a block server (accelerated or plain)
+    start: int
+    end: int
+    peer_id: str = ""  # DHT identity when the hop came from a route; "" for fixed chains
+
+
+class Head(Protocol):
+    """What the driver needs besides the blocks (:class:`node.accel.executor.ModelHead` or an adapter)."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def embed_tokens(self, token_ids: Sequence[int]) -> torch.Tensor: ...  # [n] -> [n, hidden]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [n, hidden] -> [n, vocab]
+
+
+class HopError(RuntimeError):
+    """A hop failed or answered something inconsistent; ``retryable`` says whether a new route may help."""
+
+    def __init__(self, hop: Hop, reason: str, *, retryable: bool) -> None:
+        super().__init__(f"hop {hop.address} (blocks {hop.start}:{hop.end}): {reason}")
+        self.hop = hop
+        self.retryable = retryable
+
+
+class ChainSession:
+    """Inference streams to every hop, walked in order for every step."""
+
+    def __init__(self, model: str, hops: Sequence[Hop], calls: list[Any], max_length: int, timeout_s: float) -> None:
+        self.model = model
+        self.hops = list(hops)
+        self.calls = calls
+        self.max_length = max_length
+        self.timeout_s = timeout_s
+        self.session_id = uuid.uuid4().hex
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """[n, hidden] after ``position`` cached tokens -> [n, hidden] out of the last block.
+
+        :raises HopError: naming the hop that failed.
+        """
+        for hop, call in zip(self.hops, self.calls, strict=True):
+            message = blocks_pb2.InferenceStep(
+                session_id=self.session_id, model=self.model, start_block=hop.start, end_block=hop.end,
+                hidden=encode_tensor(hidden.unsqueeze(0)), position=position, max_length=self.max_length,
+            )
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await call.write(message)
+                    reply = await call.read()
+            except TimeoutError:
+                raise HopError(hop, f"no reply within {self.timeout_s:.1f} s", retryable=True) from None
+            except grpc.aio.AioRpcError as exc:
+                raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=exc.code() in RETRYABLE) from None
+            except (grpc.aio.UsageError, asyncio.InvalidStateError, OSError) as exc:
+                raise HopError(hop, f"stream unusable: {exc}", retryable=True) from None
+            if reply is grpc.aio.EOF:
+                raise HopError(hop, "closed the session", retryable=True)
+            try:
+                out = decode_tensor(reply.hidden)
+            except TensorDecodeError as exc:
+                raise HopError(hop, f"bad tensor in reply: {exc}", retryable=True) from None
+            same_shape = out.dim() == 3 and tuple(out.shape[1:]) == tuple(hidden.shape)
+            if not same_shape or reply.position != position + len(hidden):
+                raise HopError(hop, f"reply {list(out.shape)} at {reply.position} does not match", retryable=True)
+            hidden = out[0]
+        return hidden
+
+    async def close(self) -> None:
+        for call in self.calls:
+            try:
+                await asyncio.wait_for(call.done_writing(), 1.0)
+            except Exception:  # the stream may already be gone; nothing to release on our side
+                call.cancel()
+
+
+class LogitsBatcher:
+    """Applies the LM head to the outputs of concurrent sessions in one matmul.
+
+    With many sessions decoding together, their last-hop replies arrive within a few milliseconds
+    of each other; one [sessions, hidden] x [hidden, vocab] product costs little more than one row,
+    so the driver's per-token work stops growing with concurrency.
+    """
+
+    def __init__(self, head: Head, window_s: float) -> None:
+        self.head = head
+        self.window_s = window_s
+        self.open_sessions = 0
+        self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab]."""
+        if self.open_sessions <= 1:
+            return self.head.logits(hidden)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._pending.append((hidden, future))
+        if len(self._pending) >= self.open_sessions:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window_s, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        live = [(h, f) for h, f in pending if not f.done()]
+        if not live:
+            return
+        try:
+            out = self.head.logits(torch.cat([h for h, _ in live]))
+        except Exception as exc:  # e.g. out of memory: every waiting session gets the error
+            for _, future in live:
+                future.set_exception(exc)
+            return
+        for (_, future), part in zip(live, out.split([h.shape[0] for h, _ in live]), strict=True):
+            future.set_result(part)
