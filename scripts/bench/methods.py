@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "small")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "methods")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: OUT/methods_throughput.png)")
-    parser.add_argument("--cell-cap-s", type=float, default=8.0, help="wall-clock cap per cell")
+    parser.add_argument("--cell-cap-s", type=float, default=5.0, help="wall-clock cap per cell")
     parser.add_argument("--profiles", type=int, default=3, help="how many emulated hardware profiles (full run)")
     parser.add_argument("--few-methods", action="store_true", help="4 methods on every profile")
     parser.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
