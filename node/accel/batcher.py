@@ -82,6 +82,17 @@ class StepBatcher:
         self._batching_sessions -= int(batching)
         self._wake.set()  # one fewer session to wait for
 
+    def close_nowait(self) -> None:
+        """Cancel the loop and fail pending steps without awaiting (a synchronous owner's shutdown)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("block server is shutting down"))
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def submit(
         self, kv: SequenceKV, hidden: torch.Tensor, *, solo: bool = False, window_ms: float | None = None
     ) -> torch.Tensor:

@@ -112,6 +112,19 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         self.active_sessions = 0
         self.limits = TensorLimits(max_bytes=config.max_message_bytes)
 
+    @property
+    def load(self) -> float:
+        """Share of the session cache budget in use (announced in the node's DHT record)."""
+        return self.reserved_bytes / max(1, self.config.cache_budget_bytes)
+
+    @property
+    def free_cache_bytes(self) -> int:
+        return max(0, self.config.cache_budget_bytes - self.reserved_bytes)
+
+    def close(self) -> None:
+        """Stop the step loop without waiting (for owners that stop the gRPC server themselves)."""
+        self.batcher.close_nowait()
+
     def _check_hidden(self, message: blocks_pb2.Tensor, max_tokens: int) -> object:
         try:
             hidden = decode_tensor(message, self.limits)
@@ -262,6 +275,10 @@ class AccelBlockServer:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def grpc_server(self) -> grpc.aio.Server:
+        return self._server
 
     @classmethod
     async def create(cls, config: AccelServerConfig, executor: BlockExecutor | None = None) -> AccelBlockServer:
