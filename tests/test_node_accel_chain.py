@@ -117,6 +117,12 @@ async def test_bad_tensors_and_a_full_node_get_typed_errors_without_disturbing_o
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await call.read()
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            call = stub.Inference()  # blocks this node does not serve as one span: the driver must route elsewhere
+            await call.write(blocks_pb2.InferenceStep(model=MODEL_NAME, start_block=0, end_block=1,
+                                                      hidden=encode_tensor(torch.zeros(1, 1, 64)), max_length=64))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
             call = stub.Inference()
             await call.write(blocks_pb2.InferenceStep(model=MODEL_NAME, start_block=0, end_block=2,
                                                       hidden=encode_tensor(torch.zeros(1, 1, 64)), max_length=5000))

@@ -142,8 +142,8 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
 
     def _check_span(self, model: str, start: int, end: int) -> None:
         if model != self.config.model_name or start != self.config.start or end != self.config.end:
-            raise _StepError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise _StepError(  # NOT_FOUND, like the plain server: the driver routes elsewhere
+                grpc.StatusCode.NOT_FOUND,
                 f"this node serves {self.config.model_name} blocks {self.config.start}:{self.config.end}, "
                 f"not {model} {start}:{end}",
             )
