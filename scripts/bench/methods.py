@@ -219,8 +219,22 @@ async def run_cell(chain: AccelChain, prompts: list[list[int]], w: Workload, met
     if w.shared_prefix > 0:  # recent traffic with the same prefix; fills the prefix caches of methods using them
         await run_requests(chain, prompts[-1:], method, 1, cap_s)
     result = await run_requests(chain, prompts[: w.concurrency], method, w.max_new_tokens, cap_s)
-    await asyncio.sleep(0.1)  # let cancelled sessions drain out of the servers
+    await drain(chain)
     return result
+
+
+async def drain(chain: AccelChain, timeout_s: float = 60.0) -> None:
+    """Wait until no session is open on any hop: steps of cancelled requests still finish on the servers,
+    and the next cell must not pay for them."""
+    from proto import blocks_pb2
+
+    deadline = time.monotonic() + timeout_s
+    for hop in await chain.route():
+        while time.monotonic() < deadline:
+            info = await chain._stub(hop.address).Info(blocks_pb2.InfoRequest(), timeout=5)
+            if info.active_sessions == 0:
+                break
+            await asyncio.sleep(0.05)
 
 
 # -- dataset, table, plot -------------------------------------------------------------------------
