@@ -41,10 +41,15 @@ def reference(tiny_model_path: Path) -> list[int]:
 
 
 @pytest.fixture
-async def engine(tiny_model_path: Path, swarm: list[ServerProcess]) -> AsyncIterator[ChainEngine]:
+async def engine(
+    request: pytest.FixtureRequest, tiny_model_path: Path, swarm: list[ServerProcess]
+) -> AsyncIterator[ChainEngine]:
+    """A driver with its own DHT client; ``@pytest.mark.parametrize("engine", [seconds], indirect=True)``
+    sets its step timeout (default 20 s: generous for a loaded CI machine)."""
     dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=swarm[0].maddrs, client_mode=True)
+    timeout = float(getattr(request, "param", 20.0))
     engine = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=dht,
-                         config=ChainConfig(step_timeout_s=3.0, records_max_age_s=0.0))
+                         config=ChainConfig(step_timeout_s=timeout, records_max_age_s=0.0))
     yield engine
     await engine.close()
     await asyncio.to_thread(dht.shutdown)
@@ -85,6 +90,7 @@ def test_swarm_command_prints_nodes_and_coverage(swarm: list[ServerProcess], cap
     assert summary["models"]["tiny"]["gaps"] == [] and summary["models"]["tiny"]["complete"]
 
 
+@pytest.mark.parametrize("engine", [3.0], indirect=True)
 async def test_frozen_replica_times_out_and_its_span_moves(
     engine: ChainEngine, swarm: list[ServerProcess], reference: list[int]
 ) -> None:

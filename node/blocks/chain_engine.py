@@ -57,7 +57,7 @@ class ChainConfig:
     max_replacements: int = 4  # hop failures survived per request before NodeFailureError
     ban_s: float = 30.0  # a failed peer is left out of routes this long
     records_max_age_s: float = 2.0  # DHT records are re-read when older (and after any failure)
-    probe_timeout_s: float = 2.0  # RTT probe (Info) of a peer not seen before; no answer = banned
+    probe_timeout_s: float = 3.0  # RTT probe (Info) of a peer not seen before: refused = banned, slow = last resort
     rtt_max_age_s: float = 60.0  # RTTs are re-measured when older
     costs: RouteCosts = field(default_factory=RouteCosts)
     max_message_bytes: int = 64 * 1024 * 1024 + MESSAGE_ENVELOPE_BYTES
@@ -267,8 +267,16 @@ class ChainEngine:
         async def probe(record: BlockRecord) -> None:
             try:
                 rtt = await probe_rtt_ms(self.pool, record.address, timeout_s=self.config.probe_timeout_s)
-            except (grpc.RpcError, OSError) as exc:
-                logger.info("peer %s at %s does not answer (%s); leaving it out", record.peer_id, record.address, exc)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # slow, not necessarily dead (a busy host, a cold start): last resort, not banned; a step
+                    # that really fails bans it
+                    logger.info("peer %s at %s is slow to answer; routing around it if possible", record.peer_id,
+                                record.address)
+                    self._rtt[record.peer_id] = (self.config.probe_timeout_s * 1000.0 * 10, time.monotonic())
+                    return
+                logger.info("peer %s at %s does not answer (%s); leaving it out", record.peer_id, record.address,
+                            exc.code().name)
                 await self.ban(Hop(record.peer_id, record.address, record.start_block, record.end_block))
                 return
             self._rtt[record.peer_id] = (rtt, time.monotonic())
