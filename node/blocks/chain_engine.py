@@ -37,7 +37,14 @@ from node.blocks.server import MESSAGE_ENVELOPE_BYTES
 from node.engine import GenerationRequest
 from node.sampling import choose_next_token, make_generator
 from proto.codec import TensorLimits
-from proto.errors import InvalidRequestError, MaxNewTokensError, NodeFailureError, PromptEmptyError, PromptTooLongError
+from proto.errors import (
+    InvalidRequestError,
+    MaxNewTokensError,
+    NodeFailureError,
+    NoRouteError,
+    PromptEmptyError,
+    PromptTooLongError,
+)
 from proto.records import BlockRecord
 
 logger = logging.getLogger(__name__)
@@ -123,7 +130,7 @@ class ChainSession:
             self.replacements += 1
             logger.warning("hop failed (%s); replacement %d of %d", failure, self.replacements,
                            self.engine.config.max_replacements)
-            await self.engine.ban(failure.hop)
+            await self.engine.ban(failure.hop, dead=failure.dead)
             if self.replacements > self.engine.config.max_replacements:
                 raise NodeFailureError(
                     f"gave up after {self.engine.config.max_replacements} failed hops; last: {failure}. "
@@ -176,7 +183,7 @@ class ChainEngine:
         self._records: list[BlockRecord] = []
         self._records_at = 0.0
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (rtt ms, measured at)
-        self._banned: dict[str, float] = {}  # peer -> until
+        self._banned: dict[str, tuple[float, bool]] = {}  # peer -> (until, dead)
         self._rng = random.Random()
         self.sessions: set[ChainSession] = set()  # open sessions (observability: which peers serve what)
 
@@ -236,23 +243,33 @@ class ChainEngine:
         records = await self._live_records(refresh=refresh)
         await self._probe([r for r in records if not self._is_banned(r.peer_id)])
         now = time.monotonic()
-        return find_route(
-            records, start=start, end=end, model=self.model_name,
-            rtt_ms={peer: rtt for peer, (rtt, _) in self._rtt.items()},
-            exclude=[p for p, until in self._banned.items() if until > now],
-            costs=self.config.costs, rng=self._rng,
-        )
+        banned = {p: dead for p, (until, dead) in self._banned.items() if until > now}
+        rtt_ms = {peer: rtt for peer, (rtt, _) in self._rtt.items()}
+        try:
+            return find_route(records, start=start, end=end, model=self.model_name, rtt_ms=rtt_ms,
+                              exclude=banned, costs=self.config.costs, rng=self._rng)
+        except NoRouteError:
+            # peers that were only slow or full are better than no route at all (retries stay bounded)
+            alive = [p for p, dead in banned.items() if dead]
+            if len(alive) == len(banned):
+                raise
+            hops = find_route(records, start=start, end=end, model=self.model_name, rtt_ms=rtt_ms,
+                              exclude=alive, costs=self.config.costs, rng=self._rng)
+            logger.warning("no route without recently failed peers; retrying through %s", [h.peer_id for h in hops])
+            return hops
 
-    async def ban(self, hop: Hop) -> None:
-        """Leave the peer out of routes for ``ban_s``. Its channel stays: other sessions on a peer that is
-        merely full (RESOURCE_EXHAUSTED) keep working, and gRPC reconnects by itself if it comes back."""
-        self._banned[hop.peer_id] = time.monotonic() + self.config.ban_s
+    async def ban(self, hop: Hop, *, dead: bool = True) -> None:
+        """Leave the peer out of routes for ``ban_s``; one that is not ``dead`` (slow, full) stays a last resort.
+
+        Its channel stays: other sessions on a peer that is merely full keep working, and gRPC reconnects by
+        itself if it comes back."""
+        self._banned[hop.peer_id] = (time.monotonic() + self.config.ban_s, dead)
         self._rtt.pop(hop.peer_id, None)
 
     # -- internals --------------------------------------------------------------------------------
 
     def _is_banned(self, peer_id: str) -> bool:
-        return self._banned.get(peer_id, 0.0) > time.monotonic()
+        return self._banned.get(peer_id, (0.0, False))[0] > time.monotonic()
 
     async def _live_records(self, *, refresh: bool) -> list[BlockRecord]:
         if refresh or time.monotonic() - self._records_at > self.config.records_max_age_s:
@@ -277,7 +294,7 @@ class ChainEngine:
                     return
                 logger.info("peer %s at %s does not answer (%s); leaving it out", record.peer_id, record.address,
                             exc.code().name)
-                await self.ban(Hop(record.peer_id, record.address, record.start_block, record.end_block))
+                await self.ban(Hop(record.peer_id, record.address, record.start_block, record.end_block), dead=True)
                 return
             self._rtt[record.peer_id] = (rtt, time.monotonic())
 

@@ -27,7 +27,7 @@ from proto.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-# statuses that say "this peer cannot do it now", so another peer may
+# statuses that say "this peer cannot do it", so another peer may
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -40,15 +40,17 @@ RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
+DEAD = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND}  # of those: the peer is gone or serves other blocks
 
 
 class HopFailure(Exception):
     """The peer of a hop failed; the span should move to another peer."""
 
-    def __init__(self, hop: Hop, reason: str) -> None:
+    def __init__(self, hop: Hop, reason: str, *, dead: bool) -> None:
         super().__init__(f"peer {hop.peer_id} at {hop.address} (blocks {hop.start}:{hop.end}): {reason}")
         self.hop = hop
         self.reason = reason
+        self.dead = dead  # gone or broken (refused, reset, no longer serving, garbage); else slow or full
 
 
 class ChannelPool:
@@ -121,7 +123,7 @@ class RemoteSpan:
                 reply = await self._exchange(message)
         except TimeoutError:
             self._call.cancel()
-            raise HopFailure(self.hop, f"no reply within {self.step_timeout_s:.1f} s") from None
+            raise HopFailure(self.hop, f"no reply within {self.step_timeout_s:.1f} s", dead=False) from None
         except grpc.aio.AioRpcError as exc:
             raise self._classify(exc.code(), exc.details()) from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError, OSError):  # the stream had already ended
@@ -130,22 +132,22 @@ class RemoteSpan:
         try:
             out = decode_tensor(reply.hidden, self.tensor_limits)
         except TensorDecodeError as exc:
-            raise HopFailure(self.hop, f"bad tensor in reply: {exc}") from None
+            raise HopFailure(self.hop, f"bad tensor in reply: {exc}", dead=True) from None
         if out.shape != hidden.shape or reply.position != position + hidden.shape[1]:
-            raise HopFailure(self.hop, f"reply shape {list(out.shape)} / position {reply.position} does not match")
+            raise HopFailure(self.hop, f"reply shape {list(out.shape)} / position {reply.position} does not match",
+                             dead=True)
         return out
 
     def _classify(self, code: grpc.StatusCode, details: str | None) -> Exception:
         if code in RETRYABLE:
-            return HopFailure(self.hop, f"{code.name}: {details}")
+            return HopFailure(self.hop, f"{code.name}: {details}", dead=code in DEAD)
         return InvalidRequestError(f"peer {self.hop.peer_id} rejected the step: {code.name}: {details}")
 
     async def _exchange(self, message: blocks_pb2.InferenceStep) -> blocks_pb2.InferenceStepResult:
         await self._call.write(message)
         reply = await self._call.read()
         if reply is grpc.aio.EOF:
-            status = await self._call.code()
-            raise HopFailure(self.hop, f"stream ended ({status.name}: {await self._call.details()})")
+            raise self._classify(await self._call.code(), f"stream ended: {await self._call.details()}")
         return reply
 
     async def close(self) -> None:
