@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -32,19 +33,19 @@ class ServerProcess:
         return list(self.info["dht_maddrs"])
 
     def kill(self) -> None:
-        """SIGKILL: no clean-up, no DHT withdrawal, sockets die with it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL to the node's whole process group (server, its hivemind DHT child, p2pd), like a host
+        dying: no clean-up, no DHT withdrawal, sockets die with it, and no orphan is left behind."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM and wait (the node withdraws its DHT records); SIGKILL if it hangs."""
+        """SIGTERM to the server and wait (it withdraws its DHT records and stops its DHT child)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.kill()  # whatever is left of the group
 
 
 def spawn_server(
@@ -64,7 +65,7 @@ def spawn_server(
         "--initial-peers", *initial_peers, *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
     return ServerProcess(proc)
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,7 +118,7 @@ def spawn(
     cmd = [sys.executable, "-m", "node.blocks.serve_main", "--model", str(model_dir), "--name", name,
            "--blocks", blocks, "--threads", str(threads), "--initial-peers", *peers]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("{"):
@@ -177,7 +179,11 @@ async def run_all(
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(timeout=20)
+            try:
+                proc.wait(timeout=20)
+            finally:  # the server's DHT child and p2pd too, should it not have stopped them
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> int:
