@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 
 from node.accel.batcher import StepBatcher
 from node.accel.batching import BatchPolicy
@@ -125,7 +126,7 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         """Stop the step loop without waiting (for owners that stop the gRPC server themselves)."""
         self.batcher.close_nowait()
 
-    def _check_hidden(self, message: blocks_pb2.Tensor, max_tokens: int) -> object:
+    def _check_hidden(self, message: blocks_pb2.Tensor, max_tokens: int) -> torch.Tensor:
         try:
             hidden = decode_tensor(message, self.limits)
         except TensorDecodeError as exc:
@@ -154,8 +155,8 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
             hidden = self._check_hidden(request.hidden, self.config.max_step_tokens)
         except _StepError as exc:
             await context.abort(exc.code, str(exc))
-        kv = self.executor.new_cache(capacity=hidden.shape[0])  # type: ignore[attr-defined]
-        out = await self.batcher.submit(kv, hidden, solo=True)  # type: ignore[arg-type]
+        kv = self.executor.new_cache(capacity=hidden.shape[0])
+        out = await self.batcher.submit(kv, hidden, solo=True)
         return blocks_pb2.ForwardResponse(hidden=encode_tensor(out.unsqueeze(0)))
 
     async def Info(self, request: blocks_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> blocks_pb2.NodeInfo:
@@ -206,14 +207,14 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
                             grpc.StatusCode.INVALID_ARGUMENT,
                             f"step at position {step.position} but the session holds {kv.length} tokens",
                         )
-                    n_new = hidden.shape[0]  # type: ignore[attr-defined]
+                    n_new = hidden.shape[0]
                     if step.position + n_new > reserved // kv.bytes_per_token():
                         raise _StepError(grpc.StatusCode.INVALID_ARGUMENT, "step goes past the session's max_length")
                 except _StepError as exc:
                     await context.abort(exc.code, str(exc))
                     return
                 kv.truncate(step.position)
-                out = await self.batcher.submit(kv, hidden, solo=options.solo, window_ms=options.window_ms)  # type: ignore[arg-type]
+                out = await self.batcher.submit(kv, hidden, solo=options.solo, window_ms=options.window_ms)
                 stored = self._offer_prefix(kv, options.prefix_hashes, stored)
                 if self.config.reply_delay_s > 0:
                     await asyncio.sleep(self.config.reply_delay_s)
