@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
+
+from proto.settings import AMQP_URL_ENV, amqp_url_from_env
+from proto.topology import DEFAULT_NAMESPACE
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -15,6 +20,100 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _block_range(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks must look like START:END (e.g. 0:6), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def _run(args: argparse.Namespace) -> int:
+    from node.daemon import NodeConfig, run_node
+
+    config = NodeConfig(
+        model=args.model,
+        model_name=args.model_name or Path(args.model.rstrip("/")).name,
+        group=args.group,
+        amqp_url=amqp_url_from_env(args.amqp_url),
+        namespace=args.namespace,
+        prefetch=args.prefetch,
+        price_per_hour=args.price_per_hour,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        node_id=args.node_id,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        max_new_tokens=args.max_new_tokens,
+        drain_grace_s=args.drain_grace_s,
+        telemetry_lookback_s=args.telemetry_lookback_s,
+        blocks=args.blocks,
+        initial_peers=tuple(args.initial_peers or ()),
+        host=args.host,
+        port=args.port,
+        dht_port=args.dht_port,
+        announce_host=args.announce_host,
+    )
+    return run_node(config)
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    run = sub.add_parser(
+        "run",
+        help="load a model and answer the tasks of a consumer group",
+        description="Loads the model (the whole model, or with --blocks/--initial-peers a span of its blocks "
+        "served over gRPC and chained through the DHT), consumes <namespace>.group.<GROUP>, streams tokens "
+        "to each request's agent and reports timings to the telemetry stream. SIGTERM drains: no new tasks, "
+        "running ones finish within --drain-grace-s or go back to the queue.",
+    )
+    run.add_argument("--model", required=True, help="model directory or hub name (read with from_pretrained)")
+    run.add_argument("--model-name", default="",
+                     help="the name agents ask for (default: the last part of --model)")
+    run.add_argument("--group", required=True, help="consumer group to join (e.g. cpu-fp32)")
+    run.add_argument("--amqp-url", default=None,
+                     help=f"RabbitMQ URL (default: ${AMQP_URL_ENV} or the local default)")
+    run.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="queue name prefix (default: dinet)")
+    run.add_argument("--prefetch", type=int, default=4, help="tasks held and computed at once (default: 4)")
+    run.add_argument("--price-per-hour", type=float, default=0.0,
+                     help="your price per hour, used for agents' cost budgets (default: 0)")
+    run.add_argument("--state-dir", default=None,
+                     help="node id + record of answered requests (default ~/.local/state/dinet/NAMESPACE-GROUP)")
+    run.add_argument("--node-id", default="", help="node id (default: made once and kept in the state dir)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="weight dtype (default: float32)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (default: one per core; 1 is faster for tiny models on busy hosts)")
+    run.add_argument("--max-new-tokens", type=int, default=4096, help="largest max_new_tokens accepted (default: 4096)")
+    run.add_argument("--drain-grace-s", type=float, default=30.0,
+                     help="on SIGTERM, seconds running tasks get before they are requeued (default: 30)")
+    run.add_argument("--telemetry-lookback-s", type=float, default=24 * 3600.0,
+                     help="seconds of telemetry replayed at start to skip already-answered tasks "
+                     "(default: one day; 0 = off)")
+    shard = run.add_argument_group("sharded serving (hold only some blocks; see docs/node-serving.md)")
+    shard.add_argument("--blocks", type=_block_range, default=None, help="START:END block range to serve")
+    shard.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join")
+    shard.add_argument("--host", default="127.0.0.1", help="gRPC/DHT listen address (default: 127.0.0.1)")
+    shard.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free)")
+    shard.add_argument("--dht-port", type=int, default=0, help="DHT port (0 = any free)")
+    shard.add_argument("--announce-host", default="", help="address other nodes reach this one at (NAT)")
+    run.set_defaults(func=_run)
+
+
+def _add_blocks_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`swarm` and `dht` subcommands, when this build has the sharded-serving package."""
+    try:
+        from node.blocks import swarm  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    for name in ("add_swarm_parser", "add_dht_parser"):
+        add = getattr(swarm, name, None)
+        if add is not None:
+            add(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinet-node",
@@ -22,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
     make = sub.add_parser(
         "make-model",
         help="build a small random Llama model + offline tokenizer (for tests and the demo)",
@@ -33,12 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny: seconds to build, for tests; small: ~100M parameters, for benchmarks")
     make.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     make.set_defaults(func=_make_model)
+    _add_blocks_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no progress bars in a daemon's log
     return int(args.func(args))
 
 

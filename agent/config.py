@@ -1,0 +1,42 @@
+"""The agent's knobs, one typed config with each field explained where it is declared."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from proto.settings import DEFAULT_AMQP_URL
+from proto.topology import DEFAULT_NAMESPACE, DEFAULT_PRIORITY, PRIORITIES, validate_name
+
+
+def new_agent_id() -> str:
+    return f"agent-{secrets.token_hex(6)}"
+
+
+@dataclass
+class AgentConfig:
+    """How an :class:`agent.client.Agent` talks to a dinet deployment."""
+
+    amqp_url: str = DEFAULT_AMQP_URL  # RabbitMQ; credentials come from here (or DINET_AMQP_URL in the CLI)
+    namespace: str = DEFAULT_NAMESPACE  # which deployment's queues to use
+    agent_id: str = field(default_factory=new_agent_id)  # names the durable reply queue; reuse it to
+    #   pick up results that arrived while this agent was disconnected
+    default_priority: str = DEFAULT_PRIORITY  # "high" | "normal" | "batch"
+    reply_prefetch: int = 256  # reply messages (chunks, results) in flight to this agent at once
+    publish_timeout_s: float = 30.0  # a request not confirmed by RabbitMQ by then counts as a failed try
+    publish_attempts: int = 4  # tries per request on transport errors only (connection lost, timeout)
+    retry_backoff_s: float = 0.5  # first wait between tries; doubles each time, at most 5 s
+    result_timeout_s: float | None = None  # default wait for a result; None = until the deadline (plus
+    #   deadline_grace_s) when there is one, else forever
+    deadline_grace_s: float = 10.0  # past a request's deadline, wait this long for its typed error
+    remembered_requests: int = 10_000  # finished request ids kept to recognise late duplicates
+    delete_reply_queue_on_close: bool = False  # for one-shot clients (the CLI without --agent-id): nothing
+    #   can pick up later results anyway, so do not leave the queue to expire a day later
+
+    def __post_init__(self) -> None:
+        validate_name("namespace", self.namespace)
+        validate_name("agent id", self.agent_id)
+        if self.default_priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {self.default_priority!r}; choose one of {', '.join(PRIORITIES)}")
+        if self.publish_attempts < 1:
+            raise ValueError("publish_attempts must be >= 1")

@@ -1,0 +1,122 @@
+"""What an agent hands back: streamed chunks and the final result, as plain dataclasses.
+
+Nothing past this module sees protobuf types; :func:`chunk_from_proto` and
+:func:`result_from_proto` are the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proto import messages_pb2
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A few new tokens of one request, as they were produced."""
+
+    request_id: str
+    index: int  # position of the first of these tokens among the generated ones (0-based)
+    token_ids: tuple[int, ...]
+    text: str  # their decoded text ("" when it cannot be split off, e.g. a half UTF-8 character)
+    node_id: str
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """Measured by the node that answered."""
+
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float  # prompt processing + first token, at the node
+    total_s: float  # whole generation, at the node
+    tokens_per_s: float  # decode speed after the first token
+    queue_s: float  # from submission to the start of compute (clocks of agent and node)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished request."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "length" | "eos"
+    node_id: str
+    group: str
+    method: str  # acceleration method the node ran
+    node_timing: NodeTiming
+    ttft_s: float  # at the agent: submission to first token received
+    total_s: float  # at the agent: submission to final result received
+
+    @property
+    def tokens_per_s(self) -> float:
+        """End-to-end rate seen by the agent, after the first token."""
+        decode = self.total_s - self.ttft_s
+        n = len(self.token_ids)
+        return (n - 1) / decode if n > 1 and decode > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line: tokens, time to first token, tokens/s, node, method."""
+        return (
+            f"{len(self.token_ids)} tokens | TTFT {self.ttft_s * 1000:.0f} ms "
+            f"(node {self.node_timing.ttft_s * 1000:.0f} ms) | {self.tokens_per_s:.1f} tok/s "
+            f"(node {self.node_timing.tokens_per_s:.1f}) | total {self.total_s:.2f} s | "
+            f"node {self.node_id} | group {self.group} | method {self.method} | finish {self.finish_reason}"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "request_id": self.request_id,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "tokens": len(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "node_id": self.node_id,
+            "group": self.group,
+            "method": self.method,
+            "ttft_s": round(self.ttft_s, 6),
+            "total_s": round(self.total_s, 6),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "node_timing": {
+                "prompt_tokens": self.node_timing.prompt_tokens,
+                "new_tokens": self.node_timing.new_tokens,
+                "ttft_s": round(self.node_timing.ttft_s, 6),
+                "total_s": round(self.node_timing.total_s, 6),
+                "tokens_per_s": round(self.node_timing.tokens_per_s, 3),
+                "queue_s": round(self.node_timing.queue_s, 6),
+            },
+        }
+
+
+def chunk_from_proto(message: messages_pb2.TokenChunk) -> Chunk:
+    return Chunk(
+        request_id=message.request_id,
+        index=message.index,
+        token_ids=tuple(message.token_ids),
+        text=message.text,
+        node_id=message.node_id,
+    )
+
+
+def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, total_s: float) -> GenerationResult:
+    t = message.timing
+    return GenerationResult(
+        request_id=message.request_id,
+        text=message.text,
+        token_ids=tuple(message.token_ids),
+        finish_reason=message.finish_reason,
+        node_id=message.node_id,
+        group=message.group,
+        method=message.method,
+        node_timing=NodeTiming(
+            prompt_tokens=t.prompt_tokens,
+            new_tokens=t.new_tokens,
+            ttft_s=t.ttft_s,
+            total_s=t.total_s,
+            tokens_per_s=t.tokens_per_s,
+            queue_s=t.queue_s,
+        ),
+        ttft_s=ttft_s,
+        total_s=total_s,
+    )

@@ -1,0 +1,275 @@
+"""A node's lifecycle: measure the hardware, build the engine, run the task worker, stop cleanly.
+
+``dinet-node run`` builds a :class:`NodeConfig` and calls :func:`run_node`. Without a block
+range the node holds the whole model (:class:`node.local_engine.LocalEngine`); with
+``--blocks`` or ``--initial-peers`` it serves a span of blocks over gRPC and drives the
+chain through the swarm (:mod:`node.blocks.launch`). Either way the same
+:class:`node.worker.TaskWorker` answers the group's tasks.
+
+Signals: the first SIGTERM or SIGINT drains (no new tasks; running ones get
+``drain_grace_s`` to finish, then go back to the queue); a second one requeues at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+from node.dedup import CompletedLedger
+from node.engine import Engine
+from node.hardware import measure_hardware
+from node.validation import Limits
+from node.worker import TaskWorker, WorkerConfig
+from proto.records import HardwareInfo
+from proto.settings import DEFAULT_AMQP_URL
+from proto.topology import DEFAULT_NAMESPACE, validate_name
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FORMAT_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+NODE_ID_FILE = "node_id"
+
+
+@dataclass
+class NodeConfig:
+    """Everything one node needs; each field is a ``dinet-node run`` option."""
+
+    model: str  # local path or hub name, read with from_pretrained
+    model_name: str  # the name agents ask for (InferenceRequest.model)
+    group: str  # consumer group: the node consumes <namespace>.group.<group>
+    amqp_url: str = DEFAULT_AMQP_URL  # from --amqp-url or DINET_AMQP_URL
+    namespace: str = DEFAULT_NAMESPACE  # queue name prefix; tests and demos use their own
+    prefetch: int = 4  # tasks held (and computed concurrently) at once
+    price_per_hour: float = 0.0  # operator-declared price, used for cost budgets
+    state_dir: Path | None = None  # node id + dedup ledger; default ~/.local/state/dinet/<namespace>-<group>
+    node_id: str = ""  # default: kept in the state dir, made once from the host name
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    dtype: str = "float32"  # weights: float32 | bfloat16 | float16
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
+    max_new_tokens: int = 4096  # largest max_new_tokens accepted
+    drain_grace_s: float = 30.0  # on SIGTERM: time running tasks get before they are requeued
+    telemetry_lookback_s: float = 24 * 3600.0  # telemetry replayed at start for dedup (0 = off)
+    connect_timeout_s: float = 60.0  # keep retrying the first connection to RabbitMQ this long
+    # sharded serving (node.blocks); used when blocks or initial_peers are given
+    blocks: tuple[int, int] | None = None  # [start, end) block range this node serves
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join
+    host: str = "127.0.0.1"  # gRPC and DHT listen address
+    port: int = 0  # gRPC port (0 = any free port)
+    dht_port: int = 0  # DHT port (0 = any free port)
+    announce_host: str = ""  # address other nodes reach this one at, when not ``host`` (NAT, 0.0.0.0)
+
+    def __post_init__(self) -> None:
+        validate_name("group name", self.group)
+        validate_name("namespace", self.namespace)
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+        if self.dtype not in WEIGHT_FORMAT_OF_DTYPE:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(WEIGHT_FORMAT_OF_DTYPE)}")
+
+    @property
+    def sharded(self) -> bool:
+        return self.blocks is not None or bool(self.initial_peers)
+
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return Path(self.state_dir)
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return base / "dinet" / f"{self.namespace}-{self.group}"
+
+
+def stable_node_id(state_dir: Path) -> str:
+    """The node's id, made once (host name + random suffix) and kept in the state directory."""
+    path = state_dir / NODE_ID_FILE
+    if path.exists():
+        existing = path.read_text(encoding="utf-8").strip()
+        if existing:
+            return existing
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40] or "node"
+    node_id = f"{host}-{secrets.token_hex(3)}"
+    path.write_text(node_id + "\n", encoding="utf-8")
+    return node_id
+
+
+async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
+    """A robust connection (it reconnects by itself later); the first connect is retried with backoff."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            return await aio_pika.connect_robust(url, timeout=10)
+        except (ConnectionError, OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(
+                    f"cannot reach RabbitMQ at {_redact(url)} ({exc}); start it (scripts/setup.sh does) "
+                    "or pass --amqp-url / DINET_AMQP_URL"
+                ) from exc
+            logger.warning("RabbitMQ not reachable yet (%s); retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+class NodeDaemon:
+    """One running node. ``await start()``, then ``await stop()`` (or :meth:`run` for both around signals)."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.hardware: HardwareInfo | None = None
+        self.worker: TaskWorker | None = None
+        self._engine: Engine | None = None
+        self._serving: Any = None  # node.blocks.launch.ServingHandle when sharded
+        self._ledger: CompletedLedger | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def start(self) -> None:
+        cfg = self.config
+        state_dir = cfg.resolved_state_dir()
+        self._ledger = CompletedLedger(state_dir)  # fails fast if another node holds the directory
+        if cfg.threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        node_id = cfg.node_id or stable_node_id(state_dir)
+        self.hardware = await asyncio.to_thread(
+            measure_hardware, weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype], price_per_hour=cfg.price_per_hour
+        )
+        logger.info("node %s hardware: %s", node_id, self.hardware.description)
+        tokenizer = await asyncio.to_thread(_load_tokenizer, cfg.model)
+        max_positions = await self._build_engine(self.hardware)
+        self._connection = await connect(cfg.amqp_url, timeout_s=cfg.connect_timeout_s)
+        worker_config = WorkerConfig(
+            node_id=node_id,
+            group=cfg.group,
+            limits=Limits(model_name=cfg.model_name, max_new_tokens=cfg.max_new_tokens, max_positions=max_positions),
+            namespace=cfg.namespace,
+            prefetch=cfg.prefetch,
+            drain_grace_s=cfg.drain_grace_s,
+            telemetry_lookback_s=cfg.telemetry_lookback_s,
+            hardware=self.hardware,
+        )
+        if self._engine is None:
+            raise RuntimeError("no engine was built")
+        self.worker = TaskWorker(worker_config, engine=self._engine, tokenizer=tokenizer, ledger=self._ledger)
+        await self.worker.start(self._connection)
+        logger.info("node %s ready: model %s as %r, group %s, namespace %s", node_id, cfg.model, cfg.model_name,
+                    cfg.group, cfg.namespace)
+
+    async def _build_engine(self, hardware: HardwareInfo) -> int:
+        """Build the engine; returns the model's context length (0 when unknown)."""
+        cfg = self.config
+        if cfg.sharded:
+            self._serving = await _start_serving(cfg, hardware)
+            self._engine = self._serving.engine
+            logger.info("serving blocks %s at %s; DHT %s", cfg.blocks, self._serving.address,
+                        " ".join(map(str, self._serving.dht_maddrs)))
+            return await asyncio.to_thread(_max_positions, cfg.model)
+        from node.local_engine import LocalEngine
+
+        engine = await asyncio.to_thread(LocalEngine.load, cfg.model, device=cfg.device, dtype=cfg.dtype)
+        self._engine = engine
+        return engine.max_positions
+
+    def request_stop(self) -> None:
+        """Signal handler: first call drains gracefully, a second one requeues running tasks at once."""
+        self._signals += 1
+        if self._signals == 1:
+            logger.info("stop requested: draining (grace %.1f s; signal again to requeue now)",
+                        self.config.drain_grace_s)
+        else:
+            logger.warning("second stop request: requeueing running tasks now")
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Drain the worker, then close the engine, the connection and the ledger."""
+        if self.worker is not None:
+            drain = asyncio.create_task(self.worker.drain())
+            while not drain.done():
+                signals = self._signals
+                await asyncio.wait({drain}, timeout=0.1)
+                if self._signals > max(1, signals) and not drain.done():
+                    drain.cancel()
+                    await self.worker.drain(0.0)
+                    break
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            await self.worker.close()
+        if self._serving is not None:
+            await self._serving.close()
+        elif self._engine is not None:
+            await self._engine.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        if self._ledger is not None:
+            self._ledger.close()
+        logger.info("node stopped")
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+        return 0
+
+
+def _load_tokenizer(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _max_positions(name_or_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(name_or_path), "max_position_embeddings", 0) or 0)
+
+
+async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
+    """Start the sharded serving side (node.blocks.launch), imported only when asked for."""
+    from node.blocks.launch import ServingConfig, start_serving
+
+    start, end = cfg.blocks if cfg.blocks is not None else (None, None)
+    serving_config = ServingConfig(
+        model_path=cfg.model,
+        model_name=cfg.model_name,
+        group=cfg.group,
+        start_block=start,
+        end_block=end,
+        host=cfg.host,
+        port=cfg.port,
+        dht_port=cfg.dht_port,
+        announce_host=cfg.announce_host or None,
+        initial_peers=tuple(cfg.initial_peers),
+        weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype],
+    )
+    return await start_serving(serving_config, hardware)
+
+
+def run_node(config: NodeConfig) -> int:
+    """Blocking entry point used by ``dinet-node run``."""
+    return asyncio.run(NodeDaemon(config).run())

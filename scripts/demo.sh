@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The demo: set-up, then a broker and a node on the tiny model in the background, three
+# prompts through `dinet-agent submit`, the answers with their timings, and everything it
+# started stopped again. Uses its own namespace (dinet-demo), so it never touches other
+# deployments' queues on the same RabbitMQ. Safe to run again and again.
+#
+# The tiny model has random weights: its answers are gibberish by design. Point
+# `dinet-node run --model` at a real checkpoint for real text (see README.md).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+./scripts/setup.sh
+
+BIN="$ROOT/.venv/bin"
+MODEL="${DINET_MODELS_DIR:-$ROOT/.cache/models}/tiny"
+NS="${DINET_DEMO_NAMESPACE:-dinet-demo}"
+GROUP="demo-cpu"
+RUN_DIR="$(mktemp -d -t dinet-demo.XXXXXX)"
+PIDS=()
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+stop_all() {
+  local code=$?
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 150); do  # up to 15 s to drain, then force
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ $code -ne 0 ]]; then
+    echo "demo failed (exit $code); last lines of the logs:" >&2
+    tail -n 20 "$RUN_DIR"/*.log >&2 || true
+  fi
+  rm -rf "$RUN_DIR"
+  exit "$code"
+}
+trap stop_all EXIT INT TERM
+
+wait_for_log() {  # FILE PATTERN PID WHAT
+  for _ in $(seq 1 1800); do  # up to 180 s (a busy machine imports torch slowly)
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    if ! kill -0 "$3" 2>/dev/null; then
+      echo "the $4 exited before it was ready; its log:" >&2
+      cat "$1" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "the $4 was not ready after 180 s; its log:" >&2
+  cat "$1" >&2
+  return 1
+}
+
+say "starting a broker (namespace $NS, fixed-rule scheduler, group $GROUP serves model tiny)"
+"$BIN/dinet-broker" run --namespace "$NS" --static-group "$GROUP=tiny" >"$RUN_DIR/broker.log" 2>&1 &
+PIDS+=($!)
+wait_for_log "$RUN_DIR/broker.log" "routing with scheduler" "${PIDS[-1]}" broker
+echo "broker ready (log: $RUN_DIR/broker.log)"
+
+say "starting a node: the whole tiny model, consumer group $GROUP"
+"$BIN/dinet-node" run --model "$MODEL" --model-name tiny --group "$GROUP" --namespace "$NS" \
+  --state-dir "$RUN_DIR/node-state" --threads 1 --prefetch 2 >"$RUN_DIR/node.log" 2>&1 &
+PIDS+=($!)
+wait_for_log "$RUN_DIR/node.log" "ready: model" "${PIDS[-1]}" node
+echo "node ready (log: $RUN_DIR/node.log)"
+
+PROMPTS=(
+  "def parse(text):"
+  "The quick brown fox"
+  "import os
+import sys
+"
+)
+for i in "${!PROMPTS[@]}"; do
+  say "prompt $((i + 1)) of ${#PROMPTS[@]}: $(printf '%q' "${PROMPTS[$i]}")"
+  "$BIN/dinet-agent" submit --namespace "$NS" --model tiny --max-new-tokens 32 --timeout 120 "${PROMPTS[$i]}"
+done
+
+say "done: three answers through agent -> RabbitMQ -> broker -> node -> agent; stopping the broker and the node"
