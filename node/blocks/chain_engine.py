@@ -64,6 +64,7 @@ class ChainConfig:
     max_replacements: int = 4  # hop failures survived per request before NodeFailureError
     ban_s: float = 30.0  # a failed peer is left out of routes this long
     records_max_age_s: float = 2.0  # DHT records are re-read when older (and after any failure)
+    route_attempts: int = 3  # DHT reads before a missing span is reported (backing off 0.25 s, 0.5 s)
     probe_timeout_s: float = 3.0  # RTT probe (Info) of a peer not seen before: refused = banned, slow = last resort
     rtt_max_age_s: float = 60.0  # RTTs are re-measured when older
     costs: RouteCosts = field(default_factory=RouteCosts)
@@ -239,7 +240,23 @@ class ChainEngine:
         )
 
     async def route(self, start: int, end: int, *, refresh: bool = False) -> list[Hop]:
-        """The cheapest live route over blocks ``start..end-1``; probes peers whose RTT is unknown."""
+        """The cheapest live route over blocks ``start..end-1``; probes peers whose RTT is unknown.
+
+        Without a route it re-reads the DHT a few times first (a lookup can come back incomplete on a busy
+        swarm, and a node may be joining), then raises :class:`NoRouteError`.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._route_once(start, end, refresh=refresh or attempt > 0)
+            except NoRouteError as exc:
+                attempt += 1
+                if attempt >= self.config.route_attempts:
+                    raise
+                logger.info("no route yet (%s); reading the DHT again", exc)
+                await asyncio.sleep(0.25 * 2 ** (attempt - 1))
+
+    async def _route_once(self, start: int, end: int, *, refresh: bool) -> list[Hop]:
         records = await self._live_records(refresh=refresh)
         await self._probe([r for r in records if not self._is_banned(r.peer_id)])
         now = time.monotonic()
