@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from node.dedup import RecentIds
 from proto import common_pb2, messages_pb2
+from proto.common_pb2 import ErrorCode
 from proto.records import HardwareInfo
 from proto.topology import Topology
 
@@ -46,6 +47,35 @@ def shared_prefix_ratio(prompt_ids: tuple[int, ...], recent: list[tuple[int, ...
             n += 1
         best = max(best, n)
     return best / len(prompt_ids)
+
+
+def build_report(
+    *,
+    routed: messages_pb2.RoutedTask,
+    result: messages_pb2.InferenceResult,
+    hardware: HardwareInfo,
+    shared_prefix: float,
+    concurrency: int,
+) -> messages_pb2.TimingReport:
+    """The telemetry row for one answered task (ok or a typed error)."""
+    request = routed.request
+    return messages_pb2.TimingReport(
+        request_id=request.request_id,
+        node_id=result.node_id,
+        group=result.group,
+        model=request.model,
+        method=result.method,
+        ok=result.ok,
+        error_code=result.error.code if not result.ok else ErrorCode.ERROR_CODE_UNSPECIFIED,
+        timing=result.timing,
+        max_new_tokens=request.max_new_tokens,
+        shared_prefix_ratio=shared_prefix,
+        concurrency_at_arrival=concurrency,
+        task_text=request.prompt[:TASK_TEXT_CHARS],
+        hardware=hardware_profile(hardware),
+        decision=routed.decision,
+        finished_at=time.time(),
+    )
 
 
 class TelemetryTail:

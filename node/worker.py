@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
 import logging
 import time
@@ -30,15 +29,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
+from aio_pika.exceptions import DeliveryError
 from google.protobuf.message import DecodeError
 
 from node.dedup import CompletedLedger
 from node.engine import Engine, GenerationRequest
+from node.replies import TRANSPORT_ERRORS, ConnectionLost, Delivery, error_result, publish_reply, reply_to_ok
 from node.streaming import RESULT_TYPE, ChunkStream, IncrementalDetokenizer
-from node.telemetry import TASK_TEXT_CHARS, TelemetryTail, hardware_profile, publish_report, shared_prefix_ratio
+from node.telemetry import TelemetryTail, build_report, publish_report, shared_prefix_ratio
 from node.validation import Limits, validate_prompt_tokens, validate_request
 from proto import errors, messages_pb2
 from proto.common_pb2 import ErrorCode
@@ -47,8 +46,6 @@ from proto.records import HardwareInfo
 from proto.topology import DEFAULT_NAMESPACE, DELIVERY_LIMIT, Topology
 
 logger = logging.getLogger(__name__)
-
-TRANSPORT_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
 
 
 @dataclass
@@ -79,15 +76,6 @@ class WorkerStats:
 
 
 @dataclass(eq=False)
-class _Delivery:
-    """One delivered task message and whether it has been acked, requeued or dead-lettered yet."""
-
-    message: AbstractIncomingMessage
-    settled: bool = False
-    finishing: asyncio.Task[None] | None = None  # the shielded publish-result-then-ack step
-
-
-@dataclass(eq=False)
 class _Context:
     """What the steps of one task share."""
 
@@ -96,10 +84,6 @@ class _Context:
     concurrency: int  # other tasks in flight here when it arrived
     prompt_ids: tuple[int, ...] = ()
     chunks: int = 0  # TokenChunk messages sent
-
-
-class _ConnectionLost(Exception):
-    """The publish or ack could not reach RabbitMQ; the task will be redelivered."""
 
 
 class TaskWorker:
@@ -193,9 +177,9 @@ class TaskWorker:
 
     # -- one task ----------------------------------------------------------------------------
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        delivery = _Delivery(message)
+        delivery = Delivery(message)
         if self._draining:  # delivered between our cancel and the broker's cancel-ok
-            await self._settle(delivery, "nack")
+            await delivery.settle("nack")
             return
         task = asyncio.create_task(self._process(delivery))
         self._tasks.add(task)
@@ -214,7 +198,7 @@ class TaskWorker:
         else:
             self._answered_here.add(request_id)
 
-    async def _process(self, d: _Delivery) -> None:
+    async def _process(self, d: Delivery) -> None:
         arrived = time.time()
         try:
             routed = messages_pb2.RoutedTask.FromString(d.message.body)
@@ -230,7 +214,7 @@ class TaskWorker:
         if rid and self._already_answered(rid):
             self.stats.deduplicated += 1
             logger.info("task %s was already answered; acking it without computing", rid)
-            await self._settle(d, "ack")
+            await d.settle("ack")
             return
         this = asyncio.current_task()
         if rid and this is not None:
@@ -244,21 +228,21 @@ class TaskWorker:
             elif not d.settled:
                 self.stats.requeued += 1
                 logger.warning("task %s requeued (node shutting down)", rid)
-                await asyncio.shield(self._settle(d, "nack"))
+                await asyncio.shield(d.settle("nack"))
             raise
-        except _ConnectionLost as exc:
+        except ConnectionLost as exc:
             logger.warning("task %s: %s; RabbitMQ will redeliver it", rid, exc)
         finally:
             if rid and self._inflight.get(rid) is this:
                 del self._inflight[rid]
 
-    async def _answer(self, d: _Delivery, routed: messages_pb2.RoutedTask, arrived: float) -> None:
+    async def _answer(self, d: Delivery, routed: messages_pb2.RoutedTask, arrived: float) -> None:
         request = routed.request
         ctx = _Context(routed=routed, arrived=arrived, concurrency=max(0, len(self._inflight) - 1))
-        if not self._reply_to_ok(request.reply_to):
+        if not reply_to_ok(self.topology, request.reply_to):
             logger.warning("task %r has no usable reply_to %r; dead-lettering it", request.request_id, request.reply_to)
             self.stats.dead_lettered += 1
-            await self._settle(d, "reject")
+            await d.settle("reject")
             return
         try:
             validate_request(request, self.config.limits)
@@ -275,7 +259,7 @@ class TaskWorker:
             return
         await self._generate_and_reply(d, ctx)
 
-    async def _generate_and_reply(self, d: _Delivery, ctx: _Context) -> None:
+    async def _generate_and_reply(self, d: Delivery, ctx: _Context) -> None:
         request, decision = ctx.routed.request, ctx.routed.decision
         method = decision.method if decision.method in self._engine_methods else DEFAULT_METHOD
         if decision.method and decision.method != method:
@@ -295,7 +279,7 @@ class TaskWorker:
             request_id=request.request_id,
             node_id=self.config.node_id,
             detokenizer=IncrementalDetokenizer(self._tokenizer),
-            publish=lambda body, kind: self._publish_reply(request, body, kind),
+            publish=lambda body, kind: self._publish_reply(request.request_id, request.reply_to, body, kind),
             max_tokens=self.config.chunk_max_tokens,
         )
         started = time.time()
@@ -320,7 +304,7 @@ class TaskWorker:
         except asyncio.CancelledError:
             await stream.abort()
             raise
-        except _ConnectionLost:
+        except ConnectionLost:
             await stream.abort()
             raise
         except DeliveryError as exc:
@@ -372,7 +356,7 @@ class TaskWorker:
         return int.from_bytes(hashlib.sha256(request.request_id.encode()).digest()[:8], "big")
 
     # -- outcomes ----------------------------------------------------------------------------
-    async def _finish(self, d: _Delivery, ctx: _Context, result: messages_pb2.InferenceResult, *, settle: str) -> None:
+    async def _finish(self, d: Delivery, ctx: _Context, result: messages_pb2.InferenceResult, *, settle: str) -> None:
         """Publish the final result, remember it, settle the task, then report it.
 
         Once started this step is shielded from cancellation: a result that went out is
@@ -382,16 +366,16 @@ class TaskWorker:
         await asyncio.shield(d.finishing)
 
     async def _finish_unshielded(
-        self, d: _Delivery, ctx: _Context, result: messages_pb2.InferenceResult, settle: str
+        self, d: Delivery, ctx: _Context, result: messages_pb2.InferenceResult, settle: str
     ) -> None:
         request = ctx.routed.request
         try:
-            await self._publish_reply(request, result.SerializeToString(), RESULT_TYPE)
+            await self._publish_reply(request.request_id, request.reply_to, result.SerializeToString(), RESULT_TYPE)
         except DeliveryError as exc:
             await self._reply_queue_gone(d, request, exc)
             return
         self._remember_answered(request.request_id)
-        await self._settle(d, settle)
+        await d.settle(settle)
         if result.ok:
             self.stats.completed += 1
             logger.info(
@@ -407,53 +391,36 @@ class TaskWorker:
 
     async def _report(self, ctx: _Context, result: messages_pb2.InferenceResult) -> None:
         """One row of the meta-training set / reputation ledger (best effort: the agent has its answer)."""
-        request = ctx.routed.request
         shared = shared_prefix_ratio(ctx.prompt_ids, list(self._recent_prompts))
         if ctx.prompt_ids:
             self._recent_prompts.append(ctx.prompt_ids)
-        report = messages_pb2.TimingReport(
-            request_id=request.request_id,
-            node_id=self.config.node_id,
-            group=self.config.group,
-            model=request.model,
-            method=result.method,
-            ok=result.ok,
-            error_code=result.error.code if not result.ok else ErrorCode.ERROR_CODE_UNSPECIFIED,
-            timing=result.timing,
-            max_new_tokens=request.max_new_tokens,
-            shared_prefix_ratio=shared,
-            concurrency_at_arrival=ctx.concurrency,
-            task_text=request.prompt[:TASK_TEXT_CHARS],
-            hardware=hardware_profile(self.config.hardware),
-            decision=ctx.routed.decision,
-            finished_at=time.time(),
-        )
+        report = build_report(routed=ctx.routed, result=result, hardware=self.config.hardware,
+                              shared_prefix=shared, concurrency=ctx.concurrency)
         if self._publish_channel is None:
             return
         try:
             await publish_report(self._publish_channel, self.topology, report)
         except Exception as exc:
-            logger.warning("could not publish the timing report of %s: %s", request.request_id, exc)
+            logger.warning("could not publish the timing report of %s: %s", result.request_id, exc)
 
-    async def _fail(self, d: _Delivery, ctx: _Context, exc: errors.DinetError) -> None:
+    async def _fail(self, d: Delivery, ctx: _Context, exc: errors.DinetError) -> None:
         """Answer with a typed error and dead-letter the task."""
         request = ctx.routed.request
-        result = self._error_result(request.request_id, exc, method=ctx.routed.decision.method)
+        result = self._error_result(request.request_id, exc, ctx.routed.decision.method)
         result.timing.prompt_tokens = len(ctx.prompt_ids)
         result.timing.queue_s = max(0.0, ctx.arrived - request.submitted_at) if request.submitted_at else 0.0
         self.stats.dead_lettered += 1
         await self._finish(d, ctx, result, settle="reject")
 
-    async def _engine_failed(self, d: _Delivery, ctx: _Context, exc: BaseException) -> None:
+    async def _engine_failed(self, d: Delivery, ctx: _Context, exc: BaseException) -> None:
         """Requeue for another try, or on the last allowed delivery answer ``NODE_FAILURE``."""
         request = ctx.routed.request
-        raw = (d.message.headers or {}).get("x-delivery-count", 0)
-        deliveries = raw if isinstance(raw, int) else 0
+        deliveries = d.delivery_count
         logger.error("task %s: engine failed (delivery %d): %r", request.request_id, deliveries + 1, exc,
                      exc_info=exc)
         if deliveries + 1 < DELIVERY_LIMIT:
             self.stats.requeued += 1
-            await self._settle(d, "nack")
+            await d.settle("nack")
             return
         failure = errors.NodeFailureError(
             f"the node failed while computing this request on each of {deliveries + 1} tries ({exc!r}); "
@@ -461,97 +428,35 @@ class TaskWorker:
         )
         await self._fail(d, ctx, failure)
 
-    async def _reject_malformed(self, d: _Delivery) -> None:
+    async def _reject_malformed(self, d: Delivery) -> None:
         """Dead-letter a task that is not a RoutedTask; tell its sender if the AMQP properties name one."""
         reply_to = d.message.reply_to or ""
         rid = d.message.correlation_id or d.message.message_id or ""
         logger.warning("malformed task (%d bytes, correlation_id %r); dead-lettering it", len(d.message.body), rid)
-        if rid and self._reply_to_ok(reply_to):
+        if rid and reply_to_ok(self.topology, reply_to):
             exc = errors.MalformedMessageError(
                 "the task for this request could not be parsed as a RoutedTask and was dead-lettered; "
                 "resubmit it, and report a bug if it happens again"
             )
             result = self._error_result(rid, exc)
-            target = messages_pb2.InferenceRequest(request_id=rid, reply_to=reply_to)
             try:
-                await self._publish_reply(target, result.SerializeToString(), RESULT_TYPE)
-            except (DeliveryError, _ConnectionLost) as err:
+                await self._publish_reply(rid, reply_to, result.SerializeToString(), RESULT_TYPE)
+            except (DeliveryError, ConnectionLost) as err:
                 logger.warning("could not tell %s that its task was malformed: %s", reply_to, err)
             else:
                 self.stats.failed += 1
         self.stats.dead_lettered += 1
-        await self._settle(d, "reject")
+        await d.settle("reject")
 
-    async def _reply_queue_gone(self, d: _Delivery, request: messages_pb2.InferenceRequest, exc: Exception) -> None:
+    async def _reply_queue_gone(self, d: Delivery, request: messages_pb2.InferenceRequest, exc: Exception) -> None:
         logger.warning("task %s: reply queue %r does not exist (%s); dead-lettering the task",
                        request.request_id, request.reply_to, exc)
         self.stats.dead_lettered += 1
-        await self._settle(d, "reject")
+        await d.settle("reject")
 
-    def _error_result(
-        self, request_id: str, exc: errors.DinetError, *, method: str = ""
-    ) -> messages_pb2.InferenceResult:
-        return messages_pb2.InferenceResult(
-            request_id=request_id,
-            ok=False,
-            error=exc.to_proto(),
-            node_id=self.config.node_id,
-            group=self.config.group,
-            method=method,
-            finish_reason="error",
-        )
+    def _error_result(self, request_id: str, exc: errors.DinetError, method: str = "") -> messages_pb2.InferenceResult:
+        return error_result(request_id, exc, node_id=self.config.node_id, group=self.config.group, method=method)
 
-    # -- AMQP helpers ------------------------------------------------------------------------
-    def _reply_to_ok(self, reply_to: str) -> bool:
-        """Replies go only to this namespace's reply queues, never to a task or request queue."""
-        prefix = f"{self.topology.namespace}.reply."
-        return reply_to.startswith(prefix) and len(reply_to) > len(prefix)
-
-    async def _publish_reply(self, request: messages_pb2.InferenceRequest, body: bytes, kind: str) -> None:
-        """Confirmed, mandatory publish to ``reply_to``.
-
-        :raises DeliveryError: the reply queue does not exist (or RabbitMQ refused the message).
-        :raises _ConnectionLost: any transport failure.
-        """
-        channel = self._publish_channel
-        if channel is None:
-            raise _ConnectionLost("the worker is closed")
-        try:
-            await self._publish_reply_on(channel, request, body, kind)
-        except DeliveryError:
-            raise
-        except TRANSPORT_ERRORS as exc:
-            raise _ConnectionLost(f"publishing a {kind} failed: {exc!r}") from exc
-
-    async def _publish_reply_on(
-        self, channel: AbstractChannel, request: messages_pb2.InferenceRequest, body: bytes, kind: str
-    ) -> None:
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                type=kind,
-                correlation_id=request.request_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                timestamp=dt.datetime.now(dt.UTC),
-                app_id=self.config.node_id,
-            ),
-            routing_key=request.reply_to,
-            mandatory=True,
-            timeout=self.config.publish_timeout_s,
-        )
-
-    async def _settle(self, d: _Delivery, how: str) -> None:
-        """ack / nack (requeue) / reject (dead-letter), once; if the channel died, RabbitMQ requeues it itself."""
-        if d.settled:
-            return
-        d.settled = True
-        try:
-            if how == "ack":
-                await d.message.ack()
-            elif how == "nack":
-                await d.message.nack(requeue=True)
-            else:
-                await d.message.reject(requeue=False)
-        except TRANSPORT_ERRORS as exc:
-            logger.warning("could not %s task %r (%s); RabbitMQ will redeliver it", how,
-                           d.message.correlation_id or d.message.delivery_tag, exc)
+    async def _publish_reply(self, request_id: str, reply_to: str, body: bytes, kind: str) -> None:
+        await publish_reply(self._publish_channel, request_id=request_id, reply_to=reply_to, body=body, kind=kind,
+                            node_id=self.config.node_id, timeout_s=self.config.publish_timeout_s)
