@@ -52,11 +52,11 @@ class NodeProcess:
 
 @contextlib.asynccontextmanager
 async def node_process(amqp_url: str, topology: Topology, model: Path, state_dir: Path, *,
-                       grace_s: float) -> AsyncIterator[NodeProcess]:
+                       grace_s: float, extra: tuple[str, ...] = ()) -> AsyncIterator[NodeProcess]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "node", "run", "--model", str(model), "--model-name", "tiny", "--group", GROUP,
         "--namespace", topology.namespace, "--state-dir", str(state_dir), "--drain-grace-s", str(grace_s),
-        "--threads", "1", "--telemetry-lookback-s", "600",
+        "--threads", "1", "--telemetry-lookback-s", "600", *extra,
         cwd=ROOT, env={**os.environ, "DINET_AMQP_URL": amqp_url},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
@@ -85,7 +85,7 @@ async def test_sigterm_mid_task_finishes_it_within_the_grace_period(
 ) -> None:
     async with Agent(amqp_url, namespace=topology.namespace) as agent, \
             node_process(amqp_url, topology, tiny_model_path, tmp_path, grace_s=60) as node:
-        generation = agent.generate(model="tiny", prompt=PROMPT, max_new_tokens=150)
+        generation = agent.generate(model="tiny", prompt=PROMPT, max_new_tokens=60)
         iterator = generation.__aiter__()
         tokens = list((await iterator.__anext__()).token_ids)
         node.proc.send_signal(signal.SIGTERM)
@@ -93,9 +93,9 @@ async def test_sigterm_mid_task_finishes_it_within_the_grace_period(
             tokens.extend(chunk.token_ids)
         result = await generation.result()
         assert await node.stop() == 0
-    expected = reference_greedy(tiny_model_path, PROMPT, 150)
+    expected = reference_greedy(tiny_model_path, PROMPT, 60)
     assert tokens == expected and list(result.token_ids) == expected
-    assert any("draining" in line for line in node.lines)
+    assert any("draining: waiting up to 60.0 s for 1 task(s)" in line for line in node.lines)  # it was mid-task
     assert any("node stopped" in line for line in node.lines)
 
 
@@ -103,7 +103,7 @@ async def test_sigterm_past_the_grace_period_requeues_and_the_next_node_answers(
     forwarder, amqp_url: str, topology: Topology, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     async with Agent(amqp_url, namespace=topology.namespace) as agent:
-        generation = agent.generate(model="tiny", prompt=PROMPT, max_new_tokens=300)
+        generation = agent.generate(model="tiny", prompt=PROMPT, max_new_tokens=150)
         iterator = generation.__aiter__()
         async with node_process(amqp_url, topology, tiny_model_path, tmp_path / "a", grace_s=0) as first:
             tokens = list((await iterator.__anext__()).token_ids)
@@ -114,7 +114,7 @@ async def test_sigterm_past_the_grace_period_requeues_and_the_next_node_answers(
                 tokens.extend(chunk.token_ids)
             result = await generation.result()
             assert await second.stop() == 0
-    expected = reference_greedy(tiny_model_path, PROMPT, 300)
+    expected = reference_greedy(tiny_model_path, PROMPT, 150)
     assert tokens == expected and list(result.token_ids) == expected
 
 
@@ -142,3 +142,15 @@ async def test_a_restarted_node_does_not_recompute_what_it_answered(
             await channel.close()
     finally:
         await connection.close()
+
+
+async def test_a_node_serving_blocks_answers_through_the_chain_engine(
+    forwarder, amqp_url: str, topology: Topology, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """`--blocks` switches the node to sharded serving (node.blocks): gRPC + DHT + chain driver."""
+    async with Agent(amqp_url, namespace=topology.namespace) as agent, \
+            node_process(amqp_url, topology, tiny_model_path, tmp_path, grace_s=5, extra=("--blocks", "0:4")) as node:
+        result = await agent.complete(model="tiny", prompt=PROMPT, max_new_tokens=16, timeout=60)
+        assert await node.stop() == 0
+    assert list(result.token_ids) == reference_greedy(tiny_model_path, PROMPT, 16)
+    assert any("serving blocks (0, 4)" in line for line in node.lines)
