@@ -31,12 +31,15 @@ from proto.records import NODES_KEY, BlockRecord, NodeRecord, block_key
 
 logger = logging.getLogger(__name__)
 
+HEALTH_CHECK_S = 5.0  # a freshly started DHT process must answer one lookup within this
+
 
 class SwarmDHT:
     """A dinet peer of the DHT; create with :meth:`start` (blocking, about half a second)."""
 
-    def __init__(self, dht: hivemind.DHT, validators: list) -> None:
+    def __init__(self, dht: hivemind.DHT, validators: list, *, timeout_s: float = 15.0) -> None:
         self.dht = dht
+        self.timeout_s = timeout_s  # every DHT operation: a stuck DHT process must not hang its callers
         self.validators = validators
         self.peer_id = str(dht.peer_id)
         self.subkey = owner_subkey(validators, self.peer_id)
@@ -51,19 +54,31 @@ class SwarmDHT:
         client_mode: bool = False,
         announce_host: str | None = None,
     ) -> SwarmDHT:
-        """Join the swarm through ``initial_peers`` (or start a new one when empty)."""
+        """Join the swarm through ``initial_peers`` (or start a new one when empty).
+
+        hivemind forks its DHT process from this one; a fork taken while another thread holds a lock the
+        child needs can leave the child stuck. So the new DHT must answer one lookup, else it is stopped and
+        started again (three tries).
+        """
         validators = make_record_validators()
         kwargs: dict = {"host_maddrs": [f"/ip4/{host}/tcp/{port}"]}
         if announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers) or None,
-            start=True,
-            client_mode=client_mode,
-            record_validators=validators,
-            **kwargs,
-        )
-        return cls(dht, validators)
+        for attempt in range(1, 4):
+            dht = hivemind.DHT(
+                initial_peers=list(initial_peers) or None,
+                start=True,
+                client_mode=client_mode,
+                record_validators=validators,
+                **kwargs,
+            )
+            try:
+                dht.get(NODES_KEY, latest=False, return_future=True).result(timeout=HEALTH_CHECK_S)
+                return cls(dht, validators)
+            except Exception as exc:  # TimeoutError from a stuck child, or the lookup failing outright
+                logger.warning("new DHT process did not answer a lookup (%r), attempt %d of 3", exc, attempt)
+                dht.shutdown()
+        raise RuntimeError("the hivemind DHT process did not start answering after 3 attempts")
 
     @property
     def maddrs(self) -> list[str]:
@@ -96,7 +111,7 @@ class SwarmDHT:
         futures = [
             self.dht.store(key, value, expiration, subkey=self.subkey, return_future=True) for key, value in stores
         ]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await self._gather(futures)
         failed = [key for (key, _), ok in zip(stores, results, strict=True) if ok is not True]
         if failed:
             logger.warning("DHT store failed for %s (will retry at the next announce)", failed)
@@ -104,7 +119,7 @@ class SwarmDHT:
     async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]:
         """Live servers of any block of ``model`` (one record per peer)."""
         futures = [self.dht.get(block_key(model, i), latest=True, return_future=True) for i in range(num_blocks)]
-        entries = await asyncio.gather(*futures, return_exceptions=True)
+        entries = await self._gather(futures)
         now = get_dht_time()
         by_peer: dict[str, BlockRecord] = {}
         for entry in entries:
@@ -116,8 +131,25 @@ class SwarmDHT:
         return list(by_peer.values())
 
     async def node_records(self) -> list[NodeRecord]:
-        entry = await self.dht.get(NODES_KEY, latest=True, return_future=True)
+        (entry,) = await self._gather([self.dht.get(NODES_KEY, latest=True, return_future=True)])
+        if isinstance(entry, BaseException):
+            logger.warning("DHT get failed: %s", entry)
+            return []
         return parse_node_records(entry, now=get_dht_time())
+
+    async def _gather(self, futures: list) -> list:
+        """Results (or exceptions) of DHT futures; those not done within ``timeout_s`` become TimeoutError."""
+        tasks = [asyncio.ensure_future(_wait(f)) for f in futures]
+        done, pending = await asyncio.wait(tasks, timeout=self.timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("%d DHT operation(s) got no answer within %.0f s", len(pending), self.timeout_s)
+        return [t.exception() or t.result() if t in done else TimeoutError("DHT timeout") for t in tasks]
+
+
+async def _wait(future: object) -> object:
+    return await future  # type: ignore[misc]  # hivemind's MPFuture is awaitable
 
 
 class Announcer:
