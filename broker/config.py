@@ -1,0 +1,103 @@
+"""The broker's one typed configuration object, one commented line per knob."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from proto.settings import DEFAULT_AMQP_URL
+from proto.topology import DEFAULT_NAMESPACE, PRIORITIES, validate_name
+
+
+def default_broker_id() -> str:
+    """hostname-pid-random: unique per process, readable in logs and routing decisions."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    """Hard bounds on what an agent may ask for (a request comes from a stranger)."""
+
+    max_prompt_chars: int = 32_768  # longer prompts get PROMPT_TOO_LONG
+    min_new_tokens: int = 1
+    max_new_tokens: int = 4096  # outside [min, max] -> MAX_NEW_TOKENS_OUT_OF_RANGE
+    max_request_id_chars: int = 128
+    max_model_chars: int = 256
+    max_temperature: float = 10.0
+    max_body_bytes: int = 1_048_576  # a bigger message is MALFORMED_MESSAGE before parsing
+
+
+@dataclass(frozen=True)
+class ReputationConfig:
+    """How telemetry turns into a per-node score in [0, 1] (see broker/reputation.py)."""
+
+    half_life_s: float = 300.0  # evidence loses half its weight every half_life_s of event time
+    threshold: float = 0.5  # nodes scoring below this get no work
+    prior: float = 1.0  # score of a node nobody has judged yet
+    prior_weight: float = 2.0  # how many observations the prior is worth
+    timeout_weight: float = 2.0  # a timeout counts as this many failures
+    stall_ratio: float = 0.25  # actual/predicted tokens/s below this counts as a stall (a failure)
+    node_seen_ttl_s: float = 600.0  # a node with no report for this long leaves static groups' node lists
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything a `dinet-broker run` process needs; built from the CLI in broker/__main__.py."""
+
+    amqp_url: str = DEFAULT_AMQP_URL  # from --amqp-url / DINET_AMQP_URL
+    namespace: str = DEFAULT_NAMESPACE  # prefix of every queue name
+    broker_id: str = field(default_factory=default_broker_id)  # recorded in each RoutingDecision
+    scheduler: str = "fixed-rule"  # policy name ("fixed-rule", "metainf") or "module:factory"
+    scheduler_model: str = ""  # model file/dir handed to a learned policy's factory
+    # -- directory of consumer groups --
+    initial_peers: tuple[str, ...] = ()  # hivemind multiaddrs; empty and dht=False -> static directory only
+    dht: bool = False  # start/join a DHT even without initial peers (prints its addresses)
+    static_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> models served
+    directory_ttl_s: float = 3.0  # how long a DHT listing of groups is trusted before it is refreshed
+    # -- consuming and publishing --
+    prefetch: dict[str, int] = field(
+        default_factory=lambda: {"high": 128, "normal": 128, "batch": 64}
+    )  # unacked requests per priority consumer
+    weights: dict[str, int] = field(
+        default_factory=lambda: {"high": 8, "normal": 3, "batch": 1}
+    )  # share of routing slots each priority gets while all are busy (batch is never starved)
+    max_in_flight: int = 128  # routed publishes awaiting their confirm at once
+    reconnect_interval_s: float = 1.0  # pause between attempts to reach RabbitMQ again after losing it
+    publish_timeout_s: float = 30.0  # a confirm slower than this requeues the request
+    watch_dead_letters: bool = True  # notify senders of messages RabbitMQ dead-lettered on its own
+    telemetry_prefetch: int = 256  # stream credit for the telemetry consumer
+    limits: ValidationLimits = field(default_factory=ValidationLimits)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
+
+    def __post_init__(self) -> None:
+        validate_name("namespace", self.namespace)
+        for group, models in self.static_groups.items():
+            validate_name("group name", group)
+            if not models:
+                raise ValueError(f"static group {group!r} serves no model; write GROUP=MODEL[,MODEL]")
+        for name, table in (("prefetch", self.prefetch), ("weights", self.weights)):
+            missing = [p for p in PRIORITIES if table.get(p, 0) < 1]
+            if missing:
+                raise ValueError(f"{name} must be >= 1 for every priority; fix {', '.join(missing)}")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        if self.directory_ttl_s <= 0:
+            raise ValueError("directory_ttl_s must be > 0")
+
+    @property
+    def use_dht(self) -> bool:
+        return self.dht or bool(self.initial_peers)
+
+
+def parse_static_group(text: str) -> tuple[str, tuple[str, ...]]:
+    """``GROUP=MODEL[,MODEL...]`` -> (group, models).
+
+    :raises ValueError: naming the expected form.
+    """
+    group, sep, models = text.partition("=")
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not sep or not group.strip() or not names:
+        raise ValueError(f"--static-group {text!r}: expected GROUP=MODEL[,MODEL...], e.g. cpu-fp32=tiny")
+    return validate_name("group name", group.strip()), names

@@ -1,0 +1,174 @@
+"""Which consumer groups are live, and which models they serve.
+
+Two sources, merged:
+
+- the hivemind DHT: nodes announce a :class:`proto.records.NodeRecord` under
+  ``dinet:nodes`` (subkey = peer id); records are validated one by one and a bad
+  one is skipped, never trusted; groups are formed from the records' ``group`` field;
+- a static directory (``--static-group GROUP=MODEL[,MODEL]``) for the walking
+  skeleton and the demo, without a DHT.
+
+The routing path reads :meth:`GroupDirectory.groups_for` from memory; a background
+task refreshes the DHT view every ``ttl_s`` seconds, so a slow DHT never slows routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proto.records import NODES_KEY, HardwareInfo, NodeRecord, RecordError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A consumer group as the directory sees it."""
+
+    group: str
+    models: frozenset[str]
+    nodes: tuple[str, ...] = ()  # peer ids announced in the DHT; empty for a static group
+    hardware: HardwareInfo = field(default_factory=HardwareInfo)
+    source: str = "static"  # "static" | "dht"
+    load: float = 0.0  # mean announced load of its nodes
+
+
+def groups_from_records(records: Iterable[NodeRecord]) -> list[GroupInfo]:
+    """Fold node records into groups (a group's hardware is that of its first node by peer id)."""
+    by_group: dict[str, list[NodeRecord]] = {}
+    for record in records:
+        by_group.setdefault(record.group, []).append(record)
+    groups = []
+    for name, members in sorted(by_group.items()):
+        members.sort(key=lambda r: r.peer_id)
+        groups.append(
+            GroupInfo(
+                group=name,
+                models=frozenset(m for r in members for m in r.models),
+                nodes=tuple(r.peer_id for r in members),
+                hardware=members[0].hardware,
+                source="dht",
+                load=sum(r.load for r in members) / len(members),
+            )
+        )
+    return groups
+
+
+def records_from_dht_value(value: Any) -> list[NodeRecord]:
+    """Validate the dict stored under ``dinet:nodes``; bad entries are logged and skipped."""
+    records: list[NodeRecord] = []
+    if not isinstance(value, dict):
+        return records
+    for subkey, item in value.items():
+        raw = getattr(item, "value", item)
+        try:
+            records.append(NodeRecord.from_dict(raw))
+        except RecordError as exc:
+            logger.warning("skipping invalid node record under subkey %r: %s", subkey, exc)
+    return records
+
+
+class DhtNodeReader:
+    """Reads node records from a hivemind DHT running in its own process."""
+
+    def __init__(self, initial_peers: Sequence[str] = (), *, start_swarm: bool = False) -> None:
+        import hivemind  # heavy import, only when a DHT is used
+
+        self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=False, start=True)
+        if start_swarm or not initial_peers:
+            addresses = " ".join(str(a) for a in self.dht.get_visible_maddrs())
+            logger.info("DHT peer started; nodes can join with --initial-peers %s", addresses)
+
+    async def fetch(self) -> list[NodeRecord]:
+        result = await self.dht.get(NODES_KEY, latest=True, return_future=True)
+        if result is None:
+            return []
+        return records_from_dht_value(result.value)
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+
+class GroupDirectory:
+    """Live groups per model from the DHT (cached) plus the static groups."""
+
+    def __init__(
+        self,
+        static_groups: dict[str, tuple[str, ...]] | None = None,
+        *,
+        reader: DhtNodeReader | None = None,
+        ttl_s: float = 3.0,
+    ) -> None:
+        self._static = [
+            GroupInfo(group=g, models=frozenset(models)) for g, models in sorted((static_groups or {}).items())
+        ]
+        self._reader = reader
+        self._ttl_s = ttl_s
+        self._dht_groups: list[GroupInfo] = []
+        self._by_model: dict[str, list[GroupInfo]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        by_model: dict[str, list[GroupInfo]] = {}
+        dht_names = {g.group for g in self._dht_groups}
+        # a group announced in the DHT wins over a static entry of the same name
+        for info in [*self._dht_groups, *(s for s in self._static if s.group not in dht_names)]:
+            for model in info.models:
+                by_model.setdefault(model, []).append(info)
+        self._by_model = by_model
+
+    def groups_for(self, model: str) -> list[GroupInfo]:
+        return self._by_model.get(model, [])
+
+    def all_groups(self) -> list[GroupInfo]:
+        seen: dict[str, GroupInfo] = {}
+        for infos in self._by_model.values():
+            for info in infos:
+                seen[info.group] = info
+        return [seen[k] for k in sorted(seen)]
+
+    def set_dht_records(self, records: Iterable[NodeRecord]) -> None:
+        """Replace the DHT view (used by the refresher and by tests)."""
+        self._dht_groups = groups_from_records(records)
+        self._rebuild()
+
+    async def refresh(self) -> None:
+        if self._reader is None:
+            return
+        try:
+            records = await asyncio.wait_for(self._reader.fetch(), timeout=max(5.0, self._ttl_s))
+        except Exception as exc:  # keep the last good view; the next refresh may succeed
+            logger.warning("DHT refresh failed, keeping the previous view of %d groups: %s",
+                           len(self._dht_groups), exc)
+            return
+        self.set_dht_records(records)
+
+    async def start(self) -> None:
+        if self._reader is None:
+            return
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="directory-refresh")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_s)
+            await self.refresh()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._reader is not None:
+            self._reader.shutdown()
+            self._reader = None

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Broker routing throughput and scheduling latency against the real RabbitMQ.
+
+One broker runs in this process (publisher confirms on, the fixed-rule scheduler or
+--scheduler NAME in the loop). A second process drives it: it publishes a steady
+stream of requests (confirmed, pipelined, with a bounded backlog) and runs a stub
+consumer group that acks every routed task at once and counts distinct request ids.
+
+Prints as its last line a JSON object with routed_per_s (per broker process),
+sched_p50_ms, sched_p99_ms (parse + validate + schedule, per request) and lost
+(requests published but never routed; must be 0).
+
+    .venv/bin/python scripts/bench/broker.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import aio_pika  # noqa: E402
+from aiormq.abc import DeliveredMessage  # noqa: E402
+from pamqp.commands import Basic  # noqa: E402
+
+from proto import messages_pb2  # noqa: E402
+from proto.settings import amqp_url_from_env  # noqa: E402
+from proto.topology import Topology  # noqa: E402
+
+GROUP = "bench"
+MODEL = "bench-model"
+
+
+async def _drive(
+    url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue
+) -> None:
+    """Publish ``n`` requests (at most ``backlog`` not yet routed) and be the stub group that acks them."""
+    topology = Topology(namespace)
+    connection = await aio_pika.connect(url)
+    pub = await connection.channel()
+    sub = await connection.channel()
+    await sub.set_qos(prefetch_count=1000)
+    await topology.declare_core(pub, groups=(GROUP,))
+    reply = topology.reply_queue_spec("bench-agent")
+    await reply.declare(pub)
+    pub_raw = await pub.get_underlay_channel()
+    sub_raw = await sub.get_underlay_channel()
+    seen: set[str] = set()
+    duplicates = 0
+    unacked = 0
+    last_tag = 0
+    done = asyncio.Event()
+
+    async def on_task(message: DeliveredMessage) -> None:
+        # the stub group acks at once (batched: multiple=True every 64 deliveries, or when idle)
+        nonlocal duplicates, unacked, last_tag
+        rid = message.header.properties.message_id or ""
+        duplicates += rid in seen
+        seen.add(rid)
+        unacked += 1
+        last_tag = message.delivery_tag
+        if unacked >= 64:
+            unacked = 0
+            await sub_raw.basic_ack(message.delivery_tag, multiple=True)
+        if len(seen) >= n:
+            done.set()
+
+    async def flush_acks() -> None:
+        nonlocal unacked
+        while True:
+            await asyncio.sleep(0.02)
+            if unacked:
+                unacked = 0
+                await sub_raw.basic_ack(last_tag, multiple=True)
+
+    window = asyncio.Semaphore(512)  # confirms in flight at the driver
+    prompt = "Summarise the following text in one sentence. " * 4  # ~200 characters
+
+    async def publish_one(i: int) -> None:
+        request = messages_pb2.InferenceRequest(
+            request_id=f"bench-{i}", model=MODEL, prompt=prompt, max_new_tokens=32,
+            priority=priorities[i % len(priorities)], reply_to=reply.name, submitted_at=time.time(),
+        )
+        try:
+            await pub_raw.basic_publish(
+                request.SerializeToString(), routing_key=topology.request_queue(request.priority),
+                properties=Basic.Properties(delivery_mode=2, message_id=request.request_id), mandatory=True,
+            )
+        finally:
+            window.release()
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(i: int) -> None:
+        task = asyncio.create_task(publish_one(i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    flusher = asyncio.create_task(flush_acks())
+    sent = 0
+    if preload:
+        for sent in range(n):
+            await window.acquire()
+            spawn(sent)
+        sent = n
+        while tasks:
+            await asyncio.sleep(0.01)
+    await sub_raw.basic_consume(topology.group_queue(GROUP), on_task)
+    out.put(("ready", None))
+    started = time.monotonic()
+    while sent < n:
+        if sent - len(seen) >= backlog:
+            await asyncio.sleep(0.001)
+            continue
+        await window.acquire()
+        spawn(sent)
+        sent += 1
+    publish_s = time.monotonic() - started
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(done.wait(), timeout=120)
+    await asyncio.sleep(0.5)  # late duplicates
+    flusher.cancel()
+    out.put(("done", {"published": sent, "distinct_routed": len(seen), "duplicates": duplicates,
+                      "publish_s": round(publish_s, 3)}))
+    await connection.close()
+
+
+def _driver_main(
+    url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue
+) -> None:
+    asyncio.run(_drive(url, namespace, n, backlog, priorities, preload, out))
+
+
+async def _cleanup(url: str, topology: Topology) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        names = [topology.request_queue(p) for p in ("high", "normal", "batch")]
+        names += [topology.group_queue(GROUP), topology.reply_queue("bench-agent"), topology.dead_letter_queue,
+                  topology.dead_letter_queue + ".watch", topology.telemetry_stream]
+        for name in names:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(topology.dead_letter_exchange)
+    finally:
+        await connection.close()
+
+
+async def bench(args: argparse.Namespace) -> dict:
+    from broker.config import BrokerConfig
+    from broker.service import BrokerService
+
+    url = amqp_url_from_env(args.amqp_url)
+    topology = Topology(f"bench-{uuid.uuid4().hex[:8]}")
+    config = BrokerConfig(amqp_url=url, namespace=topology.namespace, static_groups={GROUP: (MODEL,)},
+                          scheduler=args.scheduler, broker_id="bench", max_in_flight=args.max_in_flight,
+                          watch_dead_letters=False)
+    service = BrokerService(config)
+    if not args.preload:
+        await service.start()
+        gc.freeze()  # as `dinet-broker run` does
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    priorities = args.priorities.split(",")
+    driver = ctx.Process(target=_driver_main, args=(url, topology.namespace, args.requests, args.backlog,
+                                                    priorities, args.preload, out), daemon=True)
+    driver.start()
+    try:
+        await asyncio.to_thread(out.get, True, 300)  # the driver is ready
+        if args.preload:
+            await service.start()
+            gc.freeze()
+        cpu_start = time.process_time()
+        first_at = None
+        last_count, last_at = 0, time.monotonic()
+        result = None
+        while result is None:
+            await asyncio.sleep(0.01)
+            routed = service.stats.routed_total
+            if routed and first_at is None:
+                first_at = time.monotonic()
+            if routed != last_count:
+                last_count, last_at = routed, time.monotonic()
+            with contextlib.suppress(Exception):
+                _, result = out.get_nowait()
+        elapsed = max(1e-9, last_at - (first_at or last_at))
+        snap = service.stats.snapshot()
+        cpu_s = time.process_time() - cpu_start
+    finally:
+        try:
+            await service.stop()
+            if driver.is_alive():
+                driver.join(10)
+        finally:
+            await _cleanup(url, topology)
+    lost = result["published"] - result["distinct_routed"]
+    return {
+        "requests": result["published"],
+        "routed": snap["routed_total"],
+        "routed_per_s": round(snap["routed_total"] / elapsed, 1),
+        "sched_p50_ms": snap["sched_p50_ms"],
+        "sched_p99_ms": snap["sched_p99_ms"],
+        "lost": lost,
+        "duplicates": result["duplicates"],
+        "scheduler": service.policy.name,
+        "max_in_flight": args.max_in_flight,
+        "driver_publish_s": result["publish_s"],
+        "broker_cpu_per_request_us": round(cpu_s / max(1, snap["routed_total"]) * 1e6, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5,000 requests instead of 30,000")
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--amqp-url", default=None)
+    parser.add_argument("--scheduler", default="fixed-rule")
+    parser.add_argument("--max-in-flight", type=int, default=128)
+    parser.add_argument("--backlog", type=int, default=2000, help="max requests published but not yet routed")
+    parser.add_argument("--priorities", default="normal",
+                        help="comma list cycled over the requests, e.g. high,normal,batch")
+    parser.add_argument("--preload", action="store_true",
+                        help="queue every request before the broker starts (measures draining a backlog)")
+    args = parser.parse_args(argv)
+    args.requests = args.requests or (5000 if args.quick else 30000)
+    runner = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run  # type: ignore[assignment]
+    if os.environ.get("DINET_BENCH_PROFILE"):  # developer aid: cProfile the broker process
+        import cProfile
+
+        profiler = cProfile.Profile()
+        summary = profiler.runcall(runner, bench(args))
+        profiler.dump_stats(os.environ["DINET_BENCH_PROFILE"])
+    else:
+        summary = runner(bench(args))
+    print(json.dumps(summary))
+    return 0 if summary["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
