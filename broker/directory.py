@@ -79,16 +79,28 @@ class DhtNodeReader:
     def __init__(self, initial_peers: Sequence[str] = (), *, start_swarm: bool = False) -> None:
         import hivemind  # heavy import, only when a DHT is used
 
-        self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=False, start=True)
+        from proto.dht_schema import make_record_validators
+
+        # Nodes sign their records (RSASignatureValidator); a reader without the same validators
+        # cannot even decode the signed values, and could not tell forged ones apart.
+        self.dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            client_mode=False,
+            start=True,
+            record_validators=make_record_validators(),
+        )
         if start_swarm or not initial_peers:
             addresses = " ".join(str(a) for a in self.dht.get_visible_maddrs())
             logger.info("DHT peer started; nodes can join with --initial-peers %s", addresses)
 
     async def fetch(self) -> list[NodeRecord]:
+        from hivemind.utils import get_dht_time
+
+        from proto.dht_schema import parse_node_records
+
         result = await self.dht.get(NODES_KEY, latest=True, return_future=True)
-        if result is None:
-            return []
-        return records_from_dht_value(result.value)
+        # drops unsigned or forged subkeys, tombstones of stopped nodes, expired and invalid records
+        return parse_node_records(result, now=get_dht_time())
 
     def visible_maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]

@@ -12,6 +12,7 @@ from hivemind.utils import get_dht_time
 
 from broker.config import BrokerConfig
 from broker.service import BrokerService
+from proto.dht_schema import make_record_validators, owner_subkey
 from proto.records import NODES_KEY, HardwareInfo, NodeRecord
 from proto.topology import Topology
 from tests.helpers_broker import AgentEmu, StubGroup, error_name
@@ -19,14 +20,15 @@ from tests.helpers_broker import AgentEmu, StubGroup, error_name
 
 @pytest.fixture
 def dht() -> Iterator[hivemind.DHT]:
-    peer = hivemind.DHT(start=True)
+    peer = hivemind.DHT(start=True, record_validators=make_record_validators())
     yield peer
     peer.shutdown()
 
 
 def announce(dht: hivemind.DHT, record: dict | NodeRecord, subkey: str, ttl: float = 30.0) -> None:
     value = record.to_dict() if isinstance(record, NodeRecord) else record
-    assert dht.store(NODES_KEY, value, expiration_time=get_dht_time() + ttl, subkey=subkey)
+    signed = owner_subkey(make_record_validators(), subkey)  # what a real node does
+    assert dht.store(NODES_KEY, value, expiration_time=get_dht_time() + ttl, subkey=signed)
 
 
 async def test_groups_come_from_dht_node_records(amqp_url: str, topology: Topology, dht: hivemind.DHT) -> None:
