@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from proto.process import reap_children
 from proto.settings import AMQP_URL_ENV, amqp_url_from_env
 from proto.topology import DEFAULT_NAMESPACE, PRIORITIES, Topology
 
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"dinet-broker: cannot reach RabbitMQ ({exc}); check --amqp-url / ${AMQP_URL_ENV}", file=sys.stderr)
         return 1
+    finally:
+        reap_children()
 
 
 if __name__ == "__main__":

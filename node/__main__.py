@@ -55,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         port=args.port,
         dht_port=args.dht_port,
         announce_host=args.announce_host,
+        accelerated=args.accelerated,
     )
     return run_node(config)
 
@@ -99,6 +100,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     shard.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free)")
     shard.add_argument("--dht-port", type=int, default=0, help="DHT port (0 = any free)")
     shard.add_argument("--announce-host", default="", help="address other nodes reach this one at (NAT)")
+    shard.add_argument("--accelerated", action="store_true",
+                       help="serve blocks with the accelerated server (continuous batching, prefix cache; "
+                       "see docs/methods.md)")
     run.set_defaults(func=_run)
 
 

@@ -32,6 +32,7 @@ from node.engine import Engine
 from node.hardware import measure_hardware
 from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
+from proto.process import reap_children
 from proto.records import HardwareInfo
 from proto.settings import DEFAULT_AMQP_URL
 from proto.topology import DEFAULT_NAMESPACE, validate_name
@@ -69,6 +70,7 @@ class NodeConfig:
     port: int = 0  # gRPC port (0 = any free port)
     dht_port: int = 0  # DHT port (0 = any free port)
     announce_host: str = ""  # address other nodes reach this one at, when not ``host`` (NAT, 0.0.0.0)
+    accelerated: bool = False  # serve with node/accel's server: continuous batching + prefix cache
 
     def __post_init__(self) -> None:
         validate_name("group name", self.group)
@@ -156,6 +158,8 @@ class NodeDaemon:
         logger.info("node %s hardware: %s", node_id, self.hardware.description)
         tokenizer = await asyncio.to_thread(_load_tokenizer, cfg.model)
         max_positions = await self._build_engine(self.hardware)
+        if self._serving is not None and not cfg.node_id:
+            node_id = str(self._serving.peer_id)  # one identity: the DHT key pair, as brokers see it
         self._connection = await connect(cfg.amqp_url, timeout_s=cfg.connect_timeout_s)
         worker_config = WorkerConfig(
             node_id=node_id,
@@ -267,9 +271,16 @@ async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
         initial_peers=tuple(cfg.initial_peers),
         weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype],
     )
+    if cfg.accelerated:
+        from node.accel.launch import start_accelerated_serving
+
+        return await start_accelerated_serving(serving_config, hardware)
     return await start_serving(serving_config, hardware)
 
 
 def run_node(config: NodeConfig) -> int:
     """Blocking entry point used by ``dinet-node run``."""
-    return asyncio.run(NodeDaemon(config).run())
+    try:
+        return asyncio.run(NodeDaemon(config).run())
+    finally:
+        reap_children()

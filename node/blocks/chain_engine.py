@@ -45,6 +45,7 @@ from proto.errors import (
     PromptEmptyError,
     PromptTooLongError,
 )
+from proto.methods import METHODS
 from proto.records import BlockRecord
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,10 @@ class ChainSession:
 
 class ChainEngine:
     """An :class:`~node.engine.Engine` over the swarm's block servers for one model."""
+
+    # every method gives correct output over any server; batching and prefix reuse only pay off
+    # on accelerated servers (node/accel), speculative decoding and chunked prefill work everywhere
+    methods: tuple[str, ...] = tuple(name for name in METHODS if name != "spec_draft")
 
     def __init__(
         self,
