@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The demo: set-up, then a broker and a node on the tiny model in the background, three
-# prompts through `dinet-agent submit`, the answers with their timings, and everything it
-# started stopped again. Uses its own namespace (dinet-demo), so it never touches other
+# The demo: set-up, then a bootstrap DHT peer, a broker and two nodes that each hold half of
+# the tiny model's blocks (chained over gRPC, found through the DHT), three prompts through
+# `dinet-agent submit`, the answers with their timings, and everything it started stopped again. Uses its own namespace (dinet-demo), so it never touches other
 # deployments' queues on the same RabbitMQ. Safe to run again and again.
 #
 # The tiny model has random weights: its answers are gibberish by design. Point
@@ -58,18 +58,38 @@ wait_for_log() {  # FILE PATTERN PID WHAT
   return 1
 }
 
-say "starting a broker (namespace $NS, fixed-rule scheduler, group $GROUP serves model tiny)"
-"$BIN/dinet-broker" run --namespace "$NS" --static-group "$GROUP=tiny" >"$RUN_DIR/broker.log" 2>&1 &
+say "starting a bootstrap DHT peer (nodes and brokers find each other through it)"
+"$BIN/dinet-node" dht --maddrs-file "$RUN_DIR/peers" >"$RUN_DIR/dht.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 600); do [[ -s "$RUN_DIR/peers" ]] && break; sleep 0.1; done
+[[ -s "$RUN_DIR/peers" ]] || { echo "the DHT peer did not start; its log:" >&2; cat "$RUN_DIR/dht.log" >&2; exit 1; }
+mapfile -t PEERS <"$RUN_DIR/peers"
+echo "DHT: ${PEERS[*]}"
+
+say "starting a broker (namespace $NS, fixed-rule scheduler; live groups read from the DHT)"
+"$BIN/dinet-broker" run --namespace "$NS" --initial-peers "${PEERS[@]}" >"$RUN_DIR/broker.log" 2>&1 &
 PIDS+=($!)
 wait_for_log "$RUN_DIR/broker.log" "routing with scheduler" "${PIDS[-1]}" broker
 echo "broker ready (log: $RUN_DIR/broker.log)"
 
-say "starting a node: the whole tiny model, consumer group $GROUP"
-"$BIN/dinet-node" run --model "$MODEL" --model-name tiny --group "$GROUP" --namespace "$NS" \
-  --state-dir "$RUN_DIR/node-state" --threads 1 --prefetch 2 >"$RUN_DIR/node.log" 2>&1 &
-PIDS+=($!)
-wait_for_log "$RUN_DIR/node.log" "ready: model" "${PIDS[-1]}" node
-echo "node ready (log: $RUN_DIR/node.log)"
+# Two nodes, each holding half of the tiny model's 4 blocks: neither can answer alone.
+for span in 0:2 2:4; do
+  say "starting a node serving blocks $span of tiny (group $GROUP)"
+  "$BIN/dinet-node" run --model "$MODEL" --model-name tiny --group "$GROUP" --namespace "$NS" \
+    --blocks "$span" --initial-peers "${PEERS[@]}" --accelerated \
+    --state-dir "$RUN_DIR/node-${span/:/-}" --threads 1 --prefetch 2 >"$RUN_DIR/node-${span/:/-}.log" 2>&1 &
+  PIDS+=($!)
+done
+wait_for_log "$RUN_DIR/node-0-2.log" "ready: model" "${PIDS[-2]}" "node 0:2"
+wait_for_log "$RUN_DIR/node-2-4.log" "ready: model" "${PIDS[-1]}" "node 2:4"
+
+say "the swarm as the DHT sees it"
+for _ in $(seq 1 30); do  # the second node's records can take a moment to show up
+  "$BIN/dinet-node" swarm --initial-peers "${PEERS[@]}" >"$RUN_DIR/swarm.txt" 2>/dev/null || true
+  grep -q "complete" "$RUN_DIR/swarm.txt" && break
+  sleep 1
+done
+cat "$RUN_DIR/swarm.txt"
 
 PROMPTS=(
   "def parse(text):"
@@ -83,4 +103,7 @@ for i in "${!PROMPTS[@]}"; do
   "$BIN/dinet-agent" submit --namespace "$NS" --model tiny --max-new-tokens 32 --timeout 120 "${PROMPTS[$i]}"
 done
 
-say "done: three answers through agent -> RabbitMQ -> broker -> node -> agent; stopping the broker and the node"
+say "the operator's view: dinet-broker status"
+"$BIN/dinet-broker" status --namespace "$NS" --initial-peers "${PEERS[@]}" || true
+
+say "done: three answers through agent -> RabbitMQ -> broker -> node chain (DHT, gRPC) -> agent; stopping what the demo started"
