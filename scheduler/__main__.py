@@ -127,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from scheduler.online import export_state
+    from scheduler.store import export_state
 
     path, rows = export_state(args.state_dir, args.out)
     print(f"wrote {rows} rows to {path}")

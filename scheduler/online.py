@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import threading
@@ -54,72 +53,14 @@ from typing import IO, Any
 import pandas as pd
 
 from proto import messages_pb2
-from scheduler.dataset import rows_to_frame, timing_report_to_row
+from scheduler.dataset import timing_report_to_row
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor, PredictorConfig
 from scheduler.selection import ExpertRulesPolicy, MetaInfPolicy, SelectionConfig
-from scheduler.training import TrainingCancelled, dataset_digest, make_version, train_predictor
+from scheduler.store import CURRENT, DATA_DIR, MODELS_DIR, json_value, read_rows, train_and_save, train_main
+from scheduler.training import TrainingCancelled
 
 logger = logging.getLogger(__name__)
-
-DATA_DIR = "data"
-MODELS_DIR = "models"
-CURRENT = "CURRENT"
-EMBED_CACHE = "embeddings.npz"  # MiniLM vectors of texts seen before, reused by every retrain
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def read_rows(state_dir: str | Path) -> pd.DataFrame:
-    """Every row stored under ``state_dir/data`` (oldest first) as a frame; empty when there are none."""
-    rows = []
-    for path in sorted((Path(state_dir) / DATA_DIR).glob("rows-*.jsonl")):
-        with path.open() as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut by a crash mid-write
-                    logger.warning("skipping an unreadable line in %s", path)
-    return rows_to_frame(rows) if rows else pd.DataFrame()
-
-
-def _train_and_save(
-    state_dir: Path, config: dict[str, Any], seq: int, max_rows: int, total_at_start: int,
-    should_stop: Any = None,
-) -> str:
-    """Read the stored rows, train, save ``models/<version>``; returns the version."""
-    from scheduler.embeddings import TextEncoder
-
-    df = read_rows(state_dir)
-    if len(df) > max_rows:
-        df = df.tail(max_rows).reset_index(drop=True)
-    cfg = PredictorConfig.from_dict(config)
-    encoder = TextEncoder(cache_path=Path(state_dir) / EMBED_CACHE) if cfg.use_text else None
-    version = make_version(seq, dataset_digest(df))
-    predictor = train_predictor(df, cfg, version=version, encoder=encoder, should_stop=should_stop)
-    predictor.info["rows_total_at_train"] = total_at_start
-    predictor.save(Path(state_dir) / MODELS_DIR / version)
-    if encoder is not None:
-        encoder.save_cache()
-    return version
-
-
-def _train_main(conn: Any, state_dir: str, config: dict[str, Any], seq: int, max_rows: int, total: int) -> None:
-    """Entry point of the training child process: the result (or the error) goes back through ``conn``."""
-    try:
-        conn.send(("ok", _train_and_save(Path(state_dir), config, seq, max_rows, total)))
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
 
 class OnlineLearner(SchedulingPolicy):
     """A :class:`SchedulingPolicy` that learns from telemetry (see the module docstring)."""
@@ -275,7 +216,7 @@ class OnlineLearner(SchedulingPolicy):
             self.rejected += 1
             return False
         rid = row.get("request_id")
-        line = json.dumps({k: _json_value(v) for k, v in row.items()}, default=str)
+        line = json.dumps({k: json_value(v) for k, v in row.items()}, default=str)
         with self._lock:
             if rid:
                 if rid in self._seen:
@@ -352,7 +293,7 @@ class OnlineLearner(SchedulingPolicy):
             seq = self._next_seq()
             try:
                 if self.in_process:
-                    version = _train_and_save(self.state_dir, self.config.to_dict(), seq, self.max_rows,
+                    version = train_and_save(self.state_dir, self.config.to_dict(), seq, self.max_rows,
                                               total_at_start, self._stop.is_set)
                 else:
                     version = self._train_in_child(seq, total_at_start)
@@ -388,7 +329,7 @@ class OnlineLearner(SchedulingPolicy):
         ctx = multiprocessing.get_context("spawn")
         receiver, sender = ctx.Pipe(duplex=False)
         proc = ctx.Process(
-            target=_train_main,
+            target=train_main,
             args=(sender, str(self.state_dir), self.config.to_dict(), seq, self.max_rows, total_at_start),
             daemon=True, name="dinet-scheduler-train",
         )
@@ -516,16 +457,3 @@ class OnlineLearner(SchedulingPolicy):
             out["explorations"] = policy.explorations
             out["top_features"] = dict(list(policy.predictor.feature_importances().items())[:5])
         return out
-
-
-def export_state(state_dir: str | Path, out: str | Path) -> tuple[Path, int]:
-    """Write the meta-training set stored under ``state_dir`` to a .parquet or .csv file."""
-    from scheduler.dataset import DatasetError, write_dataset
-
-    state = Path(state_dir)
-    if not (state / DATA_DIR).is_dir():
-        raise DatasetError(f"{state} is not a scheduler state directory (no {DATA_DIR}/ inside)")
-    df = read_rows(state)
-    if df.empty:
-        raise DatasetError(f"{state / DATA_DIR} holds no rows yet")
-    return write_dataset(df, out), len(df)

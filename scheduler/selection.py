@@ -36,9 +36,10 @@ import numpy as np
 
 from proto.errors import BudgetInvalidError, BudgetTooLowError, UnknownModelError
 from proto.methods import DEFAULT_METHOD
-from scheduler.embeddings import BackgroundTextCache, get_background_cache, repetition_score, task_features
+from scheduler.embeddings import repetition_score, task_features
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor
+from scheduler.textcache import BackgroundTextCache, get_background_cache
 
 _repetition = lru_cache(maxsize=4096)(repetition_score)
 

@@ -8,15 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler.embeddings import (
-    BackgroundTextCache,
-    ProcessTextEncoder,
-    TextEncoder,
-    TextProjection,
-    repetition_score,
-)
+from scheduler.embeddings import TextEncoder, TextProjection, repetition_score
 from scheduler.predictor import MetaPredictor, ModelFileError
 from scheduler.synthetic import generate
+from scheduler.textcache import BackgroundTextCache, ProcessTextEncoder
 from scheduler.training import train_predictor
 from tests.scheduler_helpers import FAST
 
