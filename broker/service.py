@@ -157,6 +157,9 @@ class BrokerService:
         self.connection = None
         if self._directory is not None:
             await self._directory.close()
+        close_policy = getattr(self.policy, "close", None)
+        if callable(close_policy):  # an online learner stops its retraining thread and child process
+            await asyncio.to_thread(close_policy)
 
     async def __aenter__(self) -> BrokerService:
         await self.start()
