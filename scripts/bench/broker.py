@@ -166,7 +166,7 @@ async def bench(args: argparse.Namespace) -> dict:
     url = amqp_url_from_env(args.amqp_url)
     topology = Topology(f"bench-{uuid.uuid4().hex[:8]}")
     config = BrokerConfig(amqp_url=url, namespace=topology.namespace, static_groups={GROUP: (MODEL,)},
-                          scheduler=args.scheduler, broker_id="bench", max_in_flight=args.max_in_flight,
+                          scheduler=args.scheduler, scheduler_model=args.scheduler_model, broker_id="bench", max_in_flight=args.max_in_flight,
                           watch_dead_letters=False)
     service = BrokerService(config)
     if not args.preload:
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--amqp-url", default=None)
     parser.add_argument("--scheduler", default="fixed-rule")
+    parser.add_argument("--scheduler-model", default="",
+                        help="model directory for a learned scheduler (e.g. from `dinet-scheduler train`)")
     parser.add_argument("--max-in-flight", type=int, default=128)
     parser.add_argument("--backlog", type=int, default=2000, help="max requests published but not yet routed")
     parser.add_argument("--priorities", default="normal",
