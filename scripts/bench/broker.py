@@ -166,7 +166,8 @@ async def bench(args: argparse.Namespace) -> dict:
     url = amqp_url_from_env(args.amqp_url)
     topology = Topology(f"bench-{uuid.uuid4().hex[:8]}")
     config = BrokerConfig(amqp_url=url, namespace=topology.namespace, static_groups={GROUP: (MODEL,)},
-                          scheduler=args.scheduler, scheduler_model=args.scheduler_model, broker_id="bench", max_in_flight=args.max_in_flight,
+                          scheduler=args.scheduler, scheduler_model=args.scheduler_model, broker_id="bench",
+                          max_in_flight=args.max_in_flight,
                           watch_dead_letters=False)
     service = BrokerService(config)
     if not args.preload:
