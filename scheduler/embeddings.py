@@ -35,7 +35,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,15 @@ def normalize_text(text: str) -> str:
 
 def text_key(text: str) -> str:
     return hashlib.blake2b(normalize_text(text).encode(), digest_size=12).hexdigest()
+
+
+def uncached_texts(keys: Sequence[str], texts: Sequence[str], cache: Mapping[str, Any]) -> dict[str, str]:
+    """key -> normalised text for each distinct text whose key is not in ``cache`` (what must be encoded)."""
+    missing: dict[str, str] = {}
+    for key, text in zip(keys, texts, strict=True):
+        if key not in cache and key not in missing:
+            missing[key] = normalize_text(text)
+    return missing
 
 
 class TextEncoder:
@@ -216,10 +225,7 @@ class TextEncoder:
         """(len(texts), 384) float32, L2-normalised; encodes only texts not cached yet."""
         keys = [text_key(t) for t in texts]
         with self._lock:
-            missing: dict[str, str] = {}
-            for key, text in zip(keys, texts, strict=True):
-                if key not in self._cache and key not in missing:
-                    missing[key] = normalize_text(text)
+            missing = uncached_texts(keys, texts, self._cache)
             if missing:
                 self._load()
                 vectors = self._run(list(missing.values()))

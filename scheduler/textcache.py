@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.embeddings import EMBED_DIM, TextEncoder, get_encoder, normalize_text, text_key
+from scheduler.embeddings import EMBED_DIM, TextEncoder, get_encoder, text_key, uncached_texts
 
 logger = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -82,10 +82,7 @@ class ProcessTextEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         keys = [text_key(t) for t in texts]
         with self._lock:
-            missing: dict[str, str] = {}
-            for key, text in zip(keys, texts, strict=True):
-                if key not in self._cache and key not in missing:
-                    missing[key] = normalize_text(text)
+            missing = uncached_texts(keys, texts, self._cache)
             if missing:
                 self._ensure()
                 try:
