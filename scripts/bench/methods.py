@@ -6,10 +6,11 @@ weight format, emulated network delay per hop). Two block servers run as separat
 (``python -m node.accel.serve``); this process drives requests through them with
 :class:`node.accel.chain.AccelChain`.
 
-Each cell runs ``concurrency`` requests at once and stops at ``--cell-cap-s`` (requests still running
-are cancelled and the cell is marked ``capped``): throughput = tokens produced / elapsed, TTFT = mean
-time to first token of the requests that got one, p99 latency over request latencies (a capped
-request counts with the elapsed time, a lower bound).
+Each cell runs ``concurrency`` requests at once (scripts/bench/methods_measure.py): the prefill
+phase always runs until every request has its first token (TTFT); then decode throughput is
+measured over ``--window-s`` with every request in flight. Cells that finish within the window
+are measured exactly; otherwise throughput and p99 latency are projected from each request's rate
+in the window (column ``complete`` says which). No wall-clock cap decides a cell.
 
 Writes the cells as a meta-training dataset in the scheduler's format (docs/scheduler.md), a PNG of
 throughput per method and workload, prints a table, and prints as its last line a JSON object with
@@ -22,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -40,8 +39,8 @@ import torch  # noqa: E402
 
 from node.accel.chain import AccelChain, Hop  # noqa: E402
 from node.accel.executor import ModelHead  # noqa: E402
-from node.engine import GenerationRequest  # noqa: E402
 from proto.methods import METHODS  # noqa: E402
+from scripts.bench.methods_measure import CellResult, run_requests  # noqa: E402
 
 logger = logging.getLogger("bench.methods")
 
@@ -168,57 +167,13 @@ class PromptSource:
 # -- one cell -------------------------------------------------------------------------------------
 
 
-@dataclass
-class CellResult:
-    throughput: float  # generated tokens per second, all requests together
-    ttft_s: float  # mean time to first token
-    p99_latency_s: float  # 99th percentile request latency
-    tokens: int
-    elapsed_s: float
-    capped: bool  # the cap ended the cell before every request finished
-
-
-async def run_requests(chain: AccelChain, prompts: list[list[int]], method: str, max_new: int,
-                       cap_s: float) -> CellResult:
-    begin = time.perf_counter()
-    first: list[float | None] = [None] * len(prompts)
-    done: list[float | None] = [None] * len(prompts)
-    counts = [0] * len(prompts)
-
-    async def one(i: int) -> None:
-        request = GenerationRequest(prompt_ids=tuple(prompts[i]), max_new_tokens=max_new, method=method)
-        async for _ in chain.generate(request):
-            counts[i] += 1
-            if first[i] is None:
-                first[i] = time.perf_counter() - begin
-        done[i] = time.perf_counter() - begin
-
-    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
-    _, pending = await asyncio.wait(tasks, timeout=cap_s)
-    for task in pending:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    elapsed = max(d for d in done if d is not None) if not pending else cap_s
-    latencies = sorted(d if d is not None else elapsed for d in done)
-    firsts = [f for f in first if f is not None]
-    p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
-    return CellResult(
-        throughput=sum(counts) / elapsed,
-        ttft_s=sum(firsts) / len(firsts) if firsts else elapsed,
-        p99_latency_s=p99,
-        tokens=sum(counts),
-        elapsed_s=elapsed,
-        capped=bool(pending),
-    )
-
-
-async def run_cell(chain: AccelChain, prompts: list[list[int]], w: Workload, method: str, cap_s: float) -> CellResult:
+async def run_cell(chain: AccelChain, prompts: list[list[int]], w: Workload, method: str,
+                   args: argparse.Namespace) -> CellResult:
     """``prompts``: ``concurrency`` measured prompts plus one warm-up prompt sharing their prefix."""
     if w.shared_prefix > 0:  # recent traffic with the same prefix; fills the prefix caches of methods using them
-        await run_requests(chain, prompts[-1:], method, 1, cap_s)
-    result = await run_requests(chain, prompts[: w.concurrency], method, w.max_new_tokens, cap_s)
+        await run_requests(chain, prompts[-1:], method, 1, window_s=args.window_s, safety_s=args.safety_s)
+    result = await run_requests(chain, prompts[: w.concurrency], method, w.max_new_tokens,
+                                window_s=args.window_s, safety_s=args.safety_s)
     await drain(chain)
     return result
 
@@ -253,8 +208,12 @@ def make_row(profile: Profile, w: Workload, method: str, r: CellResult) -> dict[
         "performance": r.throughput,
         "runtime_s": r.elapsed_s,
         "ttft_s": r.ttft_s,
+        "prefill_s": r.prefill_s,
+        "decode_tps": r.decode_tps,
+        "decode_window_s": r.decode_window_s,
         "p99_latency_s": r.p99_latency_s,
         "tokens": r.tokens,
+        "complete": r.complete,
         "capped": r.capped,
         "task_text": (f"{w.concurrency} concurrent requests, {w.prompt_tokens}-token "
                       f"{'repetitive' if w.repetitive else 'prose'} prompts sharing {w.shared_prefix:.0%} "
@@ -275,13 +234,22 @@ def make_row(profile: Profile, w: Workload, method: str, r: CellResult) -> dict[
     return row
 
 
+def write_partial(rows: list[dict[str, object]], out: Path) -> None:
+    """Rows so far, under a name no reader waits for (the final dataset is written once, at the end)."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "methods_dataset.partial.csv", index=False)
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
-    print("| hardware | workload | method | tok/s | TTFT s | p99 s | capped |")
-    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    print("| hardware | workload | method | tok/s | decode tok/s | TTFT s | p99 s | measured |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
+        how = "CAPPED" if r["capped"] else ("complete" if r["complete"] else "projected")
         print(f"| {r['hardware']} | {r['task']} | {r['method']} | {float(r['performance']):.1f} "  # type: ignore[arg-type]
-              f"| {float(r['ttft_s']):.3f} | {float(r['p99_latency_s']):.2f} | {'yes' if r['capped'] else ''} |",  # type: ignore[arg-type]
-              flush=True)
+              f"| {float(r['decode_tps']):.1f} | {float(r['ttft_s']):.3f} "  # type: ignore[arg-type]
+              f"| {float(r['p99_latency_s']):.2f} | {how} |", flush=True)  # type: ignore[arg-type]
 
 
 def write_plot(rows: list[dict[str, object]], path: Path, profile: str) -> None:
@@ -345,7 +313,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                            hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)])
         try:
             warm = Workload(1, 32, 0.0, 4)
-            await run_cell(chain, source.prompts(warm, 2), warm, "baseline", args.cell_cap_s)  # warm-up
+            await run_cell(chain, source.prompts(warm, 2), warm, "baseline", args)  # warm-up
             for w in grid:
                 # the same prompts for every method of a workload, so methods are compared on equal text;
                 # methods that fill prefix caches get fresh text, so none reuses another method's prompts
@@ -353,11 +321,14 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                 for method in methods:
                     fresh = METHODS[method].prefix_caching
                     prompts = source.prompts(w, w.concurrency + 1) if fresh else shared_text
-                    result = await run_cell(chain, prompts, w, method, args.cell_cap_s)
+                    result = await run_cell(chain, prompts, w, method, args)
                     row = make_row(profile, w, method, result)
                     rows.append(row)
+                    write_partial(rows, args.out)
                     if args.verbose:
                         print_table([row])
+            print(f"# profile {profile.name} done at {time.perf_counter() - args.started:.0f} s, "
+                  f"loadavg {os.getloadavg()[0]:.2f}", flush=True)
         finally:
             await chain.close()
             servers.stop()
@@ -370,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "small")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "methods")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: OUT/methods_throughput.png)")
-    parser.add_argument("--cell-cap-s", type=float, default=5.0, help="wall-clock cap per cell")
+    parser.add_argument("--window-s", type=float, default=3.0,
+                        help="decode window per cell, after every request has its first token")
+    parser.add_argument("--safety-s", type=float, default=300.0,
+                        help="guard against a hang in the prefill phase (cells hitting it are marked capped)")
     parser.add_argument("--profiles", type=int, default=3, help="how many emulated hardware profiles (full run)")
     parser.add_argument("--few-methods", action="store_true", help="4 methods on every profile")
     parser.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
@@ -381,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {args.model} missing; build it: .venv/bin/dinet-node make-model {args.model} --preset small",
               file=sys.stderr)
         return 2
-    started = time.perf_counter()
+    started = args.started = time.perf_counter()
+    print(f"# methods benchmark, loadavg {os.getloadavg()[0]:.2f}", flush=True)
     rows = asyncio.run(bench(args))
     import pandas as pd
 
@@ -401,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
                                      invert=True),
         "spec_speedup": ratio(rows, p0, "rep-c1-p64-s0-o64" if quick else "rep-c1-p64-s0-o128", "spec_ngram",
                               "baseline", "performance"),
+        "cb_decode_speedup_c16": ratio(rows, p0, cb_task, "continuous_batching", "baseline", "decode_tps"),
         "rows": len(rows),
         "profiles": len({r["hardware"] for r in rows}),
         "capped_cells": sum(1 for r in rows if r["capped"]),
+        "projected_cells": sum(1 for r in rows if not r["complete"]),
+        "loadavg_end": round(os.getloadavg()[0], 2),
         "dataset": str(args.out / "methods_dataset.parquet"),
         "plot": str(plot),
         "wall_s": round(time.perf_counter() - started, 1),
