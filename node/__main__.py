@@ -7,9 +7,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from node.engines.vllm_options import DEFAULT_VLLM_METHOD, VllmSettings
+from proto.methods import METHODS
 from proto.settings import AMQP_URL_ENV, amqp_url_from_env
 from proto.topology import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from node.daemon import NodeConfig
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -30,10 +36,37 @@ def _block_range(text: str) -> tuple[int, int]:
     return start, end
 
 
-def _run(args: argparse.Namespace) -> int:
-    from node.daemon import NodeConfig, run_node
+def _vllm_settings(args: argparse.Namespace) -> VllmSettings:
+    return VllmSettings(
+        method=args.vllm_method,
+        quantization="" if args.vllm_quantization == "none" else args.vllm_quantization,
+        draft_model=args.vllm_draft_model,
+        speculative_tokens=args.vllm_speculative_tokens,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_len=args.vllm_max_model_len,
+        enforce_eager=args.vllm_enforce_eager,
+    )
 
-    config = NodeConfig(
+
+def _run(args: argparse.Namespace) -> int:
+    """Validate the options (and, for --engine vllm, the machine) before loading anything heavy."""
+    from node.daemon import run_node
+    from node.engines.vllm_runtime import EngineUnavailableError, require_vllm
+
+    try:
+        config = _node_config(args)
+        if config.engine == "vllm":
+            require_vllm()
+    except (ValueError, EngineUnavailableError) as exc:
+        print(f"dinet-node run: error: {exc}", file=sys.stderr)
+        return 2
+    return run_node(config)
+
+
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    from node.daemon import NodeConfig
+
+    return NodeConfig(
         model=args.model,
         model_name=args.model_name or Path(args.model.rstrip("/")).name,
         group=args.group,
@@ -56,8 +89,9 @@ def _run(args: argparse.Namespace) -> int:
         dht_port=args.dht_port,
         announce_host=args.announce_host,
         accelerated=args.accelerated,
+        engine=args.engine,
+        vllm=_vllm_settings(args),
     )
-    return run_node(config)
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -103,7 +137,29 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     shard.add_argument("--accelerated", action="store_true",
                        help="serve blocks with the accelerated server (continuous batching, prefix cache; "
                        "see docs/methods.md)")
+    run.add_argument("--engine", choices=["local", "vllm"], default="local",
+                     help="local: dinet's torch code (the whole model, or blocks with --blocks/--initial-peers); "
+                     "vllm: the whole model on a CUDA GPU with vLLM (pip install '.[vllm]') (default: local)")
+    _add_vllm_arguments(run)
     run.set_defaults(func=_run)
+
+
+def _add_vllm_arguments(run: argparse.ArgumentParser) -> None:
+    gpu = run.add_argument_group("vLLM engine (--engine vllm; see docs/node-worker.md)")
+    gpu.add_argument("--vllm-method", choices=list(METHODS), default=DEFAULT_VLLM_METHOD,
+                     help="the dinet method the engine is built for; the node serves it and any method with the "
+                     f"same vLLM options (default: {DEFAULT_VLLM_METHOD})")
+    gpu.add_argument("--vllm-quantization", choices=["none", "int8", "fp8"], default="none",
+                     help="none: --dtype weights; int8: an int8-quantized checkpoint; fp8: quantized by vLLM at "
+                     "load time from --dtype bfloat16/float16 (default: none)")
+    gpu.add_argument("--vllm-draft-model", default="", help="draft model for --vllm-method spec_draft")
+    gpu.add_argument("--vllm-speculative-tokens", type=int, default=0,
+                     help="tokens proposed per speculative step (default: the method's)")
+    gpu.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
+                     help="share of GPU memory vLLM may use for weights and KV cache (default: 0.9)")
+    gpu.add_argument("--vllm-max-model-len", type=int, default=0, help="context length (default: the model's)")
+    gpu.add_argument("--vllm-enforce-eager", action="store_true",
+                     help="no CUDA graphs: faster start, less memory, slower decoding")
 
 
 def _add_blocks_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

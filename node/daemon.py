@@ -3,7 +3,8 @@
 ``dinet-node run`` builds a :class:`NodeConfig` and calls :func:`run_node`. Without a block
 range the node holds the whole model (:class:`node.local_engine.LocalEngine`); with
 ``--blocks`` or ``--initial-peers`` it serves a span of blocks over gRPC and drives the
-chain through the swarm (:mod:`node.blocks.launch`). Either way the same
+chain through the swarm (:mod:`node.blocks.launch`); with ``--engine vllm`` vLLM holds the
+whole model on a GPU (:mod:`node.engines.vllm_engine`). Whatever the engine, the same
 :class:`node.worker.TaskWorker` answers the group's tasks.
 
 Signals: the first SIGTERM or SIGINT drains (no new tasks; running ones get
@@ -20,7 +21,7 @@ import secrets
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from node.dedup import CompletedLedger
 from node.engine import Engine
+from node.engines.vllm_options import VllmSettings
 from node.hardware import measure_hardware
 from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
@@ -40,6 +42,7 @@ from proto.topology import DEFAULT_NAMESPACE, validate_name
 logger = logging.getLogger(__name__)
 
 WEIGHT_FORMAT_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+ENGINES = ("local", "vllm")  # local: this process's torch code (whole model, or the block chain); vllm: a GPU
 NODE_ID_FILE = "node_id"
 
 
@@ -71,6 +74,8 @@ class NodeConfig:
     dht_port: int = 0  # DHT port (0 = any free port)
     announce_host: str = ""  # address other nodes reach this one at, when not ``host`` (NAT, 0.0.0.0)
     accelerated: bool = False  # serve with node/accel's server: continuous batching + prefix cache
+    engine: str = "local"  # "local" | "vllm" (whole model on a GPU; see node.engines)
+    vllm: VllmSettings = field(default_factory=VllmSettings)  # used with engine="vllm"
 
     def __post_init__(self) -> None:
         validate_name("group name", self.group)
@@ -79,6 +84,20 @@ class NodeConfig:
             raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
         if self.dtype not in WEIGHT_FORMAT_OF_DTYPE:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(WEIGHT_FORMAT_OF_DTYPE)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine == "vllm" and (self.sharded or self.accelerated):
+            raise ValueError(
+                "--engine vllm serves the whole model on one GPU; drop --blocks, --initial-peers and --accelerated "
+                "(those are the CPU block chain's)"
+            )
+
+    @property
+    def weight_format(self) -> str:
+        """What this node reports as its weight format (hardware embedding, telemetry)."""
+        if self.engine == "vllm":
+            return self.vllm.weight_format(self.dtype)
+        return WEIGHT_FORMAT_OF_DTYPE[self.dtype]
 
     @property
     def sharded(self) -> bool:
@@ -153,7 +172,7 @@ class NodeDaemon:
             torch.set_num_threads(cfg.threads)
         node_id = cfg.node_id or stable_node_id(state_dir)
         self.hardware = await asyncio.to_thread(
-            measure_hardware, weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype], price_per_hour=cfg.price_per_hour
+            measure_hardware, weight_format=cfg.weight_format, price_per_hour=cfg.price_per_hour
         )
         logger.info("node %s hardware: %s", node_id, self.hardware.description)
         tokenizer = await asyncio.to_thread(_load_tokenizer, cfg.model)
@@ -175,8 +194,9 @@ class NodeDaemon:
             raise RuntimeError("no engine was built")
         self.worker = TaskWorker(worker_config, engine=self._engine, tokenizer=tokenizer, ledger=self._ledger)
         await self.worker.start(self._connection)
-        logger.info("node %s ready: model %s as %r, group %s, namespace %s", node_id, cfg.model, cfg.model_name,
-                    cfg.group, cfg.namespace)
+        methods = ", ".join(getattr(self._engine, "methods", ("baseline",)))
+        logger.info("node %s ready: model %s as %r, group %s, namespace %s, engine %s running methods: %s",
+                    node_id, cfg.model, cfg.model_name, cfg.group, cfg.namespace, cfg.engine, methods)
 
     async def _build_engine(self, hardware: HardwareInfo) -> int:
         """Build the engine; returns the model's context length (0 when unknown)."""
@@ -187,6 +207,13 @@ class NodeDaemon:
             logger.info("serving blocks %s at %s; DHT %s", cfg.blocks, self._serving.address,
                         " ".join(map(str, self._serving.dht_maddrs)))
             return await asyncio.to_thread(_max_positions, cfg.model)
+        if cfg.engine == "vllm":
+            from node.engines.vllm_engine import VllmEngine
+
+            # built on the event loop's thread: vLLM's async engine belongs to the loop that uses it
+            vllm_engine = VllmEngine.load(cfg.model, dtype=cfg.dtype, settings=cfg.vllm)
+            self._engine = vllm_engine
+            return vllm_engine.max_positions
         from node.local_engine import LocalEngine
 
         engine = await asyncio.to_thread(LocalEngine.load, cfg.model, device=cfg.device, dtype=cfg.dtype)
