@@ -192,7 +192,7 @@ def test_greedy_requests_ignore_top_p_and_seed() -> None:
     request = GenerationRequest(prompt_ids=(1, 2), max_new_tokens=5, temperature=0.0, top_p=0.5, seed=3,
                                 eos_token_id=2)
     assert sampling_options(request) == {
-        "n": 1, "max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": None,
+        "n": 1, "max_tokens": 5, "temperature": 0.0, "top_p": 1.0,
         "ignore_eos": True, "stop_token_ids": [2], "detokenize": False,
     }
 
@@ -202,6 +202,8 @@ def test_sampled_requests_carry_temperature_top_p_and_seed() -> None:
     opts = sampling_options(request)
     assert (opts["temperature"], opts["top_p"], opts["seed"]) == (0.8, 0.9, 42)
     assert opts["stop_token_ids"] == []  # no EOS given: only max_new_tokens stops it
+    unseeded = sampling_options(GenerationRequest(prompt_ids=(1,), max_new_tokens=3, temperature=0.8))
+    assert "seed" not in unseeded  # vLLM picks one (the worker derives a seed from the request id first)
 
 
 def test_requests_outside_the_contract_are_refused() -> None:

@@ -280,7 +280,7 @@ def engine_options(
 def sampling_options(request: GenerationRequest) -> dict[str, Any]:
     """``SamplingParams`` keyword arguments for one request, with dinet's stopping rules.
 
-    - temperature 0 is greedy (top-p and seed are then irrelevant and left out);
+    - temperature 0 is greedy (top-p is then 1 and no seed is passed);
     - a seed makes sampling reproducible on the same engine build;
     - the request stops at ``max_new_tokens`` or right after its own ``eos_token_id``, which is
       returned, as the local engine does; vLLM's own EOS handling is switched off
@@ -296,13 +296,15 @@ def sampling_options(request: GenerationRequest) -> dict[str, Any]:
     if not 0.0 < request.top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
     greedy = request.temperature == 0
-    return {
+    options: dict[str, Any] = {
         "n": 1,
         "max_tokens": request.max_new_tokens,
         "temperature": 0.0 if greedy else request.temperature,
         "top_p": 1.0 if greedy else request.top_p,
-        "seed": None if greedy else request.seed,
         "ignore_eos": True,
         "stop_token_ids": [] if request.eos_token_id is None else [request.eos_token_id],
         "detokenize": False,
     }
+    if not greedy and request.seed is not None:  # left out otherwise: vLLM versions differ on seed=None
+        options["seed"] = request.seed
+    return options
