@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plus a byte-level BPE tokenizer trained offline. Load it with --model OUT_DIR.",
     )
     make.add_argument("out_dir", help="directory to write the model to")
-    make.add_argument("--preset", choices=["tiny", "small"], default="tiny",
+    make.add_argument("--preset", choices=["tiny", "small", "draft"], default="tiny",
                       help="tiny: seconds to build, for tests; small: ~100M parameters, for benchmarks")
     make.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     make.set_defaults(func=_make_model)

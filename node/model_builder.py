@@ -38,6 +38,9 @@ PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(1024, 64, 4, 4, 2, 176, 1024, 0.08),
     # ~100M parameters: for benchmarks
     "small": ModelPreset(8192, 768, 12, 12, 12, 2048, 2048, 0.02),
+    # ~5M parameters, the small model's tokenizer (same vocabulary size, same corpus, same BPE
+    # training): a draft model for speculative decoding (``spec_draft``) in front of ``small``
+    "draft": ModelPreset(8192, 256, 2, 4, 4, 688, 2048, 0.02),
 }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -105,6 +106,7 @@ class AccelChain:
         self._stub_for = stub_for
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._logits = LogitsBatcher(head, window_s=0.003)
+        self._draft_pool: ThreadPoolExecutor | None = None  # draft-model forwards run here, off the event loop
 
     def _check_cover(self, hops: list[Hop]) -> None:
         expected = 0
@@ -123,6 +125,9 @@ class AccelChain:
         return blocks_pb2_grpc.BlockServiceStub(self._channels[address])
 
     async def close(self) -> None:
+        if self._draft_pool is not None:
+            self._draft_pool.shutdown(wait=False, cancel_futures=True)
+            self._draft_pool = None
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
@@ -182,6 +187,16 @@ class AccelChain:
             return NgramDrafter()
         return None
 
+    async def _propose(self, drafter: Drafter | None, tokens: list[int], k: int) -> list[int]:
+        """Drafts for ``tokens``; a draft model runs in a worker thread so other sessions' replies keep flowing."""
+        if drafter is None or k <= 0:
+            return []
+        if isinstance(drafter, NgramDrafter):  # microseconds: not worth a thread hop
+            return drafter.propose(tokens, k)
+        if self._draft_pool is None:
+            self._draft_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinet-draft")
+        return await asyncio.get_running_loop().run_in_executor(self._draft_pool, drafter.propose, tokens, k)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
         """New token ids of ``request``, each as soon as it is known.
 
@@ -223,7 +238,7 @@ class AccelChain:
             yield token
             while generated < request.max_new_tokens and token != request.eos_token_id:
                 budget = request.max_new_tokens - generated - 1
-                drafts = drafter.propose(run.committed, min(k, budget)) if drafter is not None else []
+                drafts = await self._propose(drafter, list(run.committed), min(k, budget))
                 out = await self._step(run, [token, *drafts], position)
                 if drafts:
                     verdict = verify_greedy(drafts, await self._logits.logits(out))
