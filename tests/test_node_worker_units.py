@@ -104,3 +104,18 @@ async def test_chunk_stream_sends_the_first_token_alone_then_batches_while_a_pub
 def test_shared_prefix_ratio() -> None:
     assert shared_prefix_ratio((1, 2, 3, 4), [(1, 2, 9), (7,)]) == 0.5
     assert shared_prefix_ratio((1, 2), []) == 0.0
+
+
+def test_the_method_run_is_the_one_asked_for_when_the_engine_runs_it_else_the_engines_default() -> None:
+    from node.task_answer import choose_method
+
+    local = ("baseline",)
+    assert choose_method("baseline", local) == "baseline"
+    assert choose_method("spec_ngram", local) == "baseline"
+    assert choose_method("", local) == "baseline"
+    vllm_built_for_prefix_caching = ("prefix_caching",)  # engine options are fixed: every request runs this way
+    assert choose_method("baseline", vllm_built_for_prefix_caching) == "prefix_caching"
+    assert choose_method("prefix_caching", vllm_built_for_prefix_caching) == "prefix_caching"
+    vllm_batching = ("continuous_batching", "dynamic_batching")
+    assert choose_method("dynamic_batching", vllm_batching) == "dynamic_batching"
+    assert choose_method("spec_ngram", vllm_batching) == "continuous_batching"
