@@ -260,3 +260,43 @@ async def test_missing_reply_queue_dead_letters_the_task(
         await publish_task(connection, topology, routed(orphan).SerializeToString())
         assert len(await dead_letters(connection, topology, 1)) == 1
         assert worker.stats.dead_lettered == 1 and worker.stats.completed == 0
+
+
+class _BuiltForOneMethod:
+    """An engine whose options are fixed at build time (as vLLM's are): it runs prefix_caching only."""
+
+    methods = ("prefix_caching",)
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.asked: list[str] = []
+
+    async def generate(self, request):
+        self.asked.append(request.method)
+        async for token in self._inner.generate(request):
+            yield token
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_engine_built_for_one_method_runs_every_task_that_way_and_reports_it(
+    connection, topology, tiny_engine, tiny_tokenizer, tiny_model_path: Path  # noqa: F811
+) -> None:
+    engine = _BuiltForOneMethod(tiny_engine)
+    async with reply_queue(connection, topology) as (reply_to, replies), \
+            running_worker(connection, topology, engine, tiny_tokenizer):
+        for rid, method in (("asked-baseline", "baseline"), ("asked-own", "prefix_caching")):
+            request = make_request(topology, reply_to, request_id=rid, max_new_tokens=6)
+            await publish_task(connection, topology, routed(request, method=method).SerializeToString())
+        await replies.wait_results(2)
+        reports = await read_telemetry(connection, topology, expect=2)
+    expected = reference_greedy(tiny_model_path, "def parse(text):", 6)
+    for rid in ("asked-baseline", "asked-own"):
+        result = replies.result_of(rid)
+        assert result.ok and list(result.token_ids) == expected
+        assert result.method == "prefix_caching"  # the method that ran, not the one asked for
+    assert engine.asked == ["prefix_caching", "prefix_caching"]
+    by_id = {r.request_id: r for r in reports}
+    assert by_id["asked-baseline"].decision.method == "baseline"
+    assert by_id["asked-baseline"].method == "prefix_caching"
