@@ -12,8 +12,9 @@ The engine's options (batching, prefix caching, chunked prefill, speculative dec
 quantization) are fixed when it is built, so :attr:`VllmEngine.methods` lists the dinet methods
 this build really runs (:func:`node.engines.vllm_options.served_methods`).
 
-Unverified on hardware: no GPU was available where this was written. The option mapping is
-unit-tested; ``tests/test_node_vllm_gpu.py`` checks the engine end to end and skips without a GPU.
+Unverified on hardware: no GPU was available where this was written. The option mapping and
+this translation layer (against a stand-in with vLLM's output shape) are unit-tested;
+``tests/test_node_vllm_gpu.py`` checks the real engine end to end and skips without a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from node.engine import GenerationRequest
@@ -39,17 +41,43 @@ from node.engines.vllm_runtime import require_vllm
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class VllmApi:
+    """The vLLM constructors one request needs, kept apart so the translation is testable without vLLM."""
+
+    sampling_params: Callable[..., Any]  # vllm.SamplingParams
+    tokens_prompt: Callable[..., Any]  # vllm.TokensPrompt
+    delta_kind: Any  # vllm.sampling_params.RequestOutputKind.DELTA: each output holds only new tokens
+
+    @classmethod
+    def load(cls) -> VllmApi:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        return cls(sampling_params=SamplingParams, tokens_prompt=TokensPrompt, delta_kind=RequestOutputKind.DELTA)
+
+
 class VllmEngine:
     """Generates with vLLM's ``AsyncLLM`` (``vllm.AsyncLLMEngine``) holding the whole model.
 
     :param llm: a started vLLM async engine.
     :param settings: what the engine was built for (decides :attr:`methods`).
     :param weight_format: reported in the node's hardware profile.
+    :param api: vLLM's request constructors (default: imported from vLLM on first use).
     :note: build it with :meth:`load`.
     """
 
-    def __init__(self, llm: Any, *, settings: VllmSettings, options: VllmEngineOptions, weight_format: str) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        settings: VllmSettings,
+        options: VllmEngineOptions,
+        weight_format: str,
+        api: VllmApi | None = None,
+    ) -> None:
         self._llm = llm
+        self._api = api
         self._closed = False
         self._ids = itertools.count()
         self.options = options
@@ -95,12 +123,12 @@ class VllmEngine:
         total = len(request.prompt_ids) + request.max_new_tokens
         if self.max_positions and total > self.max_positions:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds the engine's {self.max_positions} positions")
-        from vllm import SamplingParams, TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(**sampling_options(request), output_kind=RequestOutputKind.DELTA)
+        if self._api is None:
+            self._api = VllmApi.load()
+        api = self._api
+        params = api.sampling_params(**sampling_options(request), output_kind=api.delta_kind)
         vllm_id = f"{request.request_id or 'request'}-{next(self._ids)}"  # unique while in flight
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, vllm_id)
+        stream = self._llm.generate(api.tokens_prompt(prompt_token_ids=list(request.prompt_ids)), params, vllm_id)
         finished = False
         try:
             async with contextlib.aclosing(stream):  # closing it aborts the request inside vLLM
