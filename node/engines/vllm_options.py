@@ -107,7 +107,9 @@ def method_options(
       on by default).
     - ``prefill_chunk`` -> ``enable_chunked_prefill`` with ``max_num_batched_tokens`` = the
       chunk, raised where needed so that every running sequence's decode (and speculative
-      tokens) fits in one step.
+      tokens) fits in one step. Without it vLLM keeps its default token budget; note that
+      vLLM's V1 engine has been reported to chunk a prompt longer than that budget even with
+      chunked prefill off (vllm-project/vllm#18547), so "off" means "whole up to the budget".
     - ``speculative="ngram"`` -> vLLM's prompt lookup (``method="ngram"``);
       ``speculative="draft"`` -> ``method="draft_model"`` with ``draft_model``.
 
