@@ -1,8 +1,11 @@
 """The contract between the node's task worker and whatever computes tokens.
 
-A whole model in this process (:mod:`node.local_engine`) and a chain of block servers
-found in the DHT (the sharded engine) implement the same :class:`Engine`, so the
-worker that consumes tasks, streams chunks and reports timings does not care which.
+A whole model in this process (:mod:`node.local_engine`), a chain of block servers
+found in the DHT (the sharded engine) and vLLM on a GPU (:mod:`node.engines.vllm_engine`)
+implement the same :class:`Engine`, so the worker that consumes tasks, streams chunks and
+reports timings does not care which. An engine may also have a ``methods`` attribute: the
+acceleration methods it really executes, the one it falls back to first unless it lists
+``baseline`` (:func:`node.task_answer.choose_method`); without it, ``baseline`` only.
 """
 
 from __future__ import annotations
