@@ -16,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from proto.methods import METHODS
+
 NODES_KEY = "dinet:nodes"
 MAX_STR = 256
 
@@ -116,10 +118,15 @@ class NodeRecord:
     load: float = 0.0  # active sessions / capacity
     free_cache_bytes: int = 0
     num_blocks: int = 0  # blocks of the whole model (0 = not announced); lets readers see trailing gaps
+    # The acceleration methods the node runs per request; empty = not announced, which readers take as
+    # "every method" (nodes from before the field existed). A vLLM node is built for one method and
+    # announces the few it serves, so brokers route only those to its group.
+    methods: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["models"] = list(self.models)
+        d["methods"] = list(self.methods)
         d["hardware"] = self.hardware.to_dict()
         return d
 
@@ -147,7 +154,21 @@ class NodeRecord:
             load=_num(d, "load", default=0.0),
             free_cache_bytes=_int(d, "free_cache_bytes", default=0),
             num_blocks=_int(d, "num_blocks", default=0),
+            methods=_methods(d),
         )
+
+
+def _methods(d: dict[str, Any]) -> tuple[str, ...]:
+    """The optional ``methods`` list: known method names only, no repeats."""
+    value = d.get("methods", [])
+    if not isinstance(value, list | tuple) or not all(isinstance(m, str) for m in value):
+        raise RecordError("field 'methods' must be a list of method names")
+    unknown = sorted(set(value) - set(METHODS))
+    if unknown:
+        raise RecordError(f"field 'methods' names unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if len(set(value)) != len(value):
+        raise RecordError("field 'methods' repeats a method")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
