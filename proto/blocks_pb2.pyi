@@ -35,8 +35,20 @@ class ForwardResponse(_message.Message):
     hidden: Tensor
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class PushTarget(_message.Message):
+    __slots__ = ("address", "session_id", "start_block", "end_block")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    start_block: int
+    end_block: int
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ...) -> None: ...
+
 class InferenceStep(_message.Message):
-    __slots__ = ("session_id", "model", "start_block", "end_block", "hidden", "position", "max_length", "close")
+    __slots__ = ("session_id", "model", "start_block", "end_block", "hidden", "position", "max_length", "close", "step_id", "route")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +57,8 @@ class InferenceStep(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     start_block: int
@@ -53,15 +67,31 @@ class InferenceStep(_message.Message):
     position: int
     max_length: int
     close: bool
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., max_length: _Optional[int] = ..., close: _Optional[bool] = ...) -> None: ...
+    step_id: int
+    route: _containers.RepeatedCompositeFieldContainer[PushTarget]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., max_length: _Optional[int] = ..., close: _Optional[bool] = ..., step_id: _Optional[int] = ..., route: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
 
 class InferenceStepResult(_message.Message):
-    __slots__ = ("hidden", "position")
+    __slots__ = ("hidden", "position", "step_id", "pushed", "push_error", "rejected")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     position: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    step_id: int
+    pushed: bool
+    push_error: str
+    rejected: str
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., pushed: _Optional[bool] = ..., push_error: _Optional[str] = ..., rejected: _Optional[str] = ...) -> None: ...
+
+class PushReceipt(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -44,6 +44,11 @@ class BlockServiceStub:
                 request_serializer=proto_dot_blocks__pb2.InferenceStep.SerializeToString,
                 response_deserializer=proto_dot_blocks__pb2.InferenceStepResult.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_unary(
+                '/dinet.v1.BlockService/Push',
+                request_serializer=proto_dot_blocks__pb2.InferenceStep.SerializeToString,
+                response_deserializer=proto_dot_blocks__pb2.PushReceipt.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/dinet.v1.BlockService/Info',
                 request_serializer=proto_dot_blocks__pb2.InfoRequest.SerializeToString,
@@ -66,6 +71,13 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request_iterator, context):
+        """Server-to-server: a hop sends its outputs into the next hop's open sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -84,6 +96,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=proto_dot_blocks__pb2.InferenceStep.FromString,
                     response_serializer=proto_dot_blocks__pb2.InferenceStepResult.SerializeToString,
+            ),
+            'Push': grpc.stream_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=proto_dot_blocks__pb2.InferenceStep.FromString,
+                    response_serializer=proto_dot_blocks__pb2.PushReceipt.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -145,6 +162,33 @@ class BlockService:
             '/dinet.v1.BlockService/Inference',
             proto_dot_blocks__pb2.InferenceStep.SerializeToString,
             proto_dot_blocks__pb2.InferenceStepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dinet.v1.BlockService/Push',
+            proto_dot_blocks__pb2.InferenceStep.SerializeToString,
+            proto_dot_blocks__pb2.PushReceipt.FromString,
             options,
             channel_credentials,
             insecure,

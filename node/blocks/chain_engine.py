@@ -31,6 +31,7 @@ import grpc
 import torch
 
 from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
+from node.blocks.push import PushTarget
 from node.blocks.remote import ChannelPool, HopFailure, RemoteSpan, probe_rtt_ms
 from node.blocks.routing import Hop, RouteCosts, find_route
 from node.blocks.server import MESSAGE_ENVELOPE_BYTES
@@ -70,6 +71,7 @@ class ChainConfig:
     rtt_max_age_s: float = 60.0  # RTTs are re-measured when older
     costs: RouteCosts = field(default_factory=RouteCosts)
     max_message_bytes: int = 64 * 1024 * 1024 + MESSAGE_ENVELOPE_BYTES
+    push: bool = True  # hops push each step on to the next hop (False: the driver carries every hop: star)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _Span:
     remote: RemoteSpan
     inputs: list[torch.Tensor] = field(default_factory=list)  # every [B, T, H] sent to this span, in order
     length: int = 0  # tokens in the peer's cache (sum of the inputs' T)
+    pushes: bool = True  # the peer follows routes (False once it answered one without pushing or saying why)
 
     def record(self, hidden: torch.Tensor) -> None:
         self.inputs.append(hidden)
@@ -94,6 +97,9 @@ class ChainSession:
         self.max_length = max_length
         self.spans: list[_Span] = []
         self.replacements = 0
+        self._step_id = 0  # numbers every step the driver writes, on any span (peers apply each once, in order)
+        self.carried = 0  # hop steps the driver sent itself (observability, tests)
+        self.pushed = 0  # hop steps that reached their hop by a push from the previous one
 
     async def open(self) -> ChainSession:
         hops = await self.engine.route(0, self.engine.num_blocks)
@@ -106,21 +112,61 @@ class ChainSession:
         return [s.hop for s in self.spans]
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Push ``hidden`` [B, T, H] (the next T tokens' embeddings) through every block."""
+        """Push ``hidden`` [B, T, H] (the next T tokens' embeddings) through every block.
+
+        Push mode (``ChainConfig.push``): the driver sends the step to the first hop with the
+        route of the hops after it, the hops push it along among themselves, and the driver
+        only reads each hop's answer (which it keeps as the next hop's input, for replays).
+        Wherever a hop did not push (a peer without push, a refused or failed push, the hop
+        after a replacement, a session not opened yet) the driver carries the step on itself,
+        which is star mode.
+        """
         i = 0
+        carry = True  # the driver sends span i its input itself
+        step_id = 0  # the driver's write that span i's answer belongs to
         while i < len(self.spans):
             span = self.spans[i]
+            route = self._route_after(i) if carry else []
             try:
-                out = await span.remote.step(hidden, position=span.length)
+                if carry:
+                    step_id = self._next_step_id()
+                    await span.remote.send(hidden, position=span.length, step_id=step_id, route=route)
+                reply = await span.remote.receive(step_id=step_id, position=span.length, shape=hidden.shape)
             except HopFailure as failure:
                 replacement, hidden = await self._replace(i, failure, hidden)
                 self.spans[i : i + 1] = replacement
                 i += len(replacement)
+                carry = True
                 continue
+            if route and not reply.pushed:
+                if reply.push_error:
+                    logger.info("hop %s did not push: %s", span.hop.peer_id, reply.push_error)
+                else:  # a peer that ignores routes (no push support): stop asking it
+                    span.pushes = False
             span.record(hidden)
-            hidden = out
+            if carry:
+                self.carried += 1
+            else:
+                self.pushed += 1
+            hidden = reply.hidden
+            carry = not reply.pushed
             i += 1
         return hidden
+
+    def _route_after(self, i: int) -> list[PushTarget]:
+        """The hops after span ``i`` that a push may reach: up to the first whose session is not open yet."""
+        if not self.engine.config.push or not self.spans[i].pushes:
+            return []
+        route = []
+        for span in self.spans[i + 1 :]:
+            if span.length == 0:
+                break
+            route.append(span.remote.target())
+        return route
+
+    def _next_step_id(self) -> int:
+        self._step_id += 1
+        return self._step_id
 
     async def _replace(self, i: int, failure: HopFailure, current: torch.Tensor) -> tuple[list[_Span], torch.Tensor]:
         """Move span ``i`` to other peers and replay its history plus ``current``; returns the new spans and
@@ -143,7 +189,7 @@ class ChainSession:
             replay = torch.cat([*history, current], dim=1)  # [B, past + T, H]
             try:
                 for span in spans:
-                    out = await span.remote.step(replay, position=0)
+                    out = await span.remote.step(replay, position=0, step_id=self._next_step_id())
                     span.record(replay)
                     replay = out
             except HopFailure as again:

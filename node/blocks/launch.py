@@ -19,7 +19,8 @@ from node.blocks.chain_engine import ChainConfig, ChainEngine
 from node.blocks.dht import Announcer, SwarmDHT
 from node.blocks.kv_cache import CacheManager
 from node.blocks.loader import WEIGHT_DTYPES, load_blocks, load_config, resolve_model_dir
-from node.blocks.server import BlockServicer, ServerLimits, start_grpc_server
+from node.blocks.push import NoPush, PushChannels, SwarmPushPolicy
+from node.blocks.server import BlockServicer, ServerLimits, grpc_options, start_grpc_server
 from proto.records import HardwareInfo, NodeRecord
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class ServingConfig:
     announce_host: str | None = None  # address others reach this node at, when not ``host`` (NAT, 0.0.0.0)
     dht_port: int = 0  # DHT (libp2p) port (0 = any free port)
     limits: ServerLimits = field(default_factory=ServerLimits)  # per-peer bounds of the gRPC service
+    push: bool = True  # push outputs to the next hop when a driver asks (to DHT-listed peers only)
     chain: ChainConfig = field(default_factory=ChainConfig)  # the driver's retry/routing knobs
 
 
@@ -60,6 +62,7 @@ class ServingHandle:
         server: grpc.aio.Server,
         servicer: BlockServicer,
         announcer: Announcer,
+        push_channels: PushChannels | None = None,
     ) -> None:
         self.engine = engine
         self.address = address
@@ -69,12 +72,15 @@ class ServingHandle:
         self._server = server
         self._servicer = servicer
         self._announcer = announcer
+        self._push_channels = push_channels
 
     async def close(self) -> None:
         await self._announcer.close(withdraw=True)
         await self.engine.close()
         await self._server.stop(grace=1.0)
         self._servicer.close()
+        if self._push_channels is not None:
+            await self._push_channels.close()
         await asyncio.to_thread(self.swarm.shutdown)
 
 
@@ -111,9 +117,14 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
     caches = CacheManager(
         budget_bytes=config.cache_bytes, ttl_s=config.session_ttl_s, max_sessions=config.limits.max_sessions
     )
+    # pushes go only to peers the DHT lists as serving the next blocks (node/blocks/push.py)
+    push_policy = SwarmPushPolicy(lambda model: swarm.block_records(model, total)) if config.push else NoPush()
+    push_channels = PushChannels(grpc_options(config.limits.max_message_bytes(span.hidden_size)),
+                                 timeout_s=config.limits.push_timeout_s)
     servicer = BlockServicer(
         span=span, model_name=config.model_name, caches=caches, limits=config.limits,
         node_id=lambda: swarm.peer_id, hardware=hardware, throughput_tok_s=throughput,
+        push_policy=push_policy, push_channels=push_channels,
     )
     server, port = await start_grpc_server(servicer, config.host, config.port)
     address = f"{config.announce_host or config.host}:{port}"
@@ -137,9 +148,9 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
     except BaseException:
         await announcer.close(withdraw=False)
         await server.stop(grace=None)
-        servicer.close()
+        await servicer.aclose()
         raise
     logger.info("serving blocks %d:%d of %s at %s (%.1f tok/s); DHT %s", start, end, config.model_name,
                 address, throughput, swarm.maddrs)
     return ServingHandle(engine=engine, address=address, swarm=swarm, server=server, servicer=servicer,
-                         announcer=announcer)
+                         announcer=announcer, push_channels=push_channels)

@@ -15,10 +15,14 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
 
+from node.blocks.push import PushTarget
 from node.blocks.routing import Hop
 from node.blocks.server import grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc
@@ -26,6 +30,7 @@ from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_t
 from proto.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # statuses that say "this peer cannot do it", so another peer may
 RETRYABLE = {
@@ -83,8 +88,22 @@ async def probe_rtt_ms(pool: ChannelPool, hop_address: str, *, timeout_s: float)
     return (time.perf_counter() - begin) * 1000.0
 
 
+@dataclass(frozen=True)
+class StepReply:
+    """A hop's answer to one step."""
+
+    hidden: torch.Tensor  # [B, T, H] the span's output
+    pushed: bool  # the peer also pushed it into the next hop of the route
+    push_error: str  # why it did not, when a route was given ("" when it did, or for peers without push)
+
+
 class RemoteSpan:
-    """One inference session on one peer for the blocks of ``hop``."""
+    """One inference session on one peer for the blocks of ``hop``.
+
+    :meth:`step` sends a step and reads its answer. In push mode the driver sends only
+    to the first hop (:meth:`send` with a ``route``) and :meth:`receive` s every hop's
+    answer, since the hops pass the step along among themselves.
+    """
 
     def __init__(
         self,
@@ -105,22 +124,67 @@ class RemoteSpan:
         self._call = pool.stub(hop.address).Inference()
         self._opened = False
 
-    async def step(self, hidden: torch.Tensor, *, position: int) -> torch.Tensor:
+    def target(self) -> PushTarget:
+        """Where another hop pushes into this session."""
+        return PushTarget(self.hop.address, self.session_id, self.hop.start, self.hop.end)
+
+    async def step(self, hidden: torch.Tensor, *, position: int, step_id: int = 0) -> torch.Tensor:
         """Send ``hidden`` [B, T, H] as the tokens at ``position``; returns the span's output [B, T, H].
 
         :raises HopFailure: the peer failed, timed out, or answered nonsense.
         :raises InvalidRequestError: the peer rejected the request itself as malformed.
         """
-        message = blocks_pb2.InferenceStep(hidden=encode_tensor(hidden), position=position)
+        await self.send(hidden, position=position, step_id=step_id)
+        return (await self.receive(step_id=step_id, position=position, shape=hidden.shape)).hidden
+
+    async def send(
+        self, hidden: torch.Tensor, *, position: int, step_id: int = 0, route: Sequence[PushTarget] = ()
+    ) -> None:
+        """Write one step; with a ``route`` the peer pushes its output on to ``route[0]`` (and so on)."""
+        message = blocks_pb2.InferenceStep(hidden=encode_tensor(hidden), position=position, step_id=step_id,
+                                           route=[t.to_proto() for t in route])
         if not self._opened:
             message.session_id = self.session_id
             message.model = self.model
             message.start_block = self.hop.start
             message.end_block = self.hop.end
             message.max_length = self.max_length
+        await self._guarded(self._call.write(message))
+        self._opened = True
+
+    async def receive(self, *, step_id: int, position: int, shape: torch.Size) -> StepReply:
+        """The answer to step ``step_id`` (tokens of ``shape`` at ``position``), sent here or pushed from upstream.
+
+        Answers to older steps are skipped: a step the driver carried itself after a failure may
+        also have arrived by push before it.
+        """
+        reply = await self._guarded(self._read(step_id))
+        if reply.rejected:
+            raise HopFailure(self.hop, f"rejected a pushed step: {reply.rejected}", dead=False)
+        if reply.step_id not in (0, step_id):
+            raise HopFailure(self.hop, f"answered step {reply.step_id}, expected {step_id}", dead=True)
+        try:
+            out = decode_tensor(reply.hidden, self.tensor_limits)
+        except TensorDecodeError as exc:
+            raise HopFailure(self.hop, f"bad tensor in reply: {exc}", dead=True) from None
+        if out.shape != shape or reply.position != position + shape[1]:
+            raise HopFailure(self.hop, f"reply shape {list(out.shape)} / position {reply.position} does not match",
+                             dead=True)
+        return StepReply(out, reply.pushed, reply.push_error)
+
+    async def _read(self, step_id: int) -> blocks_pb2.InferenceStepResult:
+        while True:
+            reply = await self._call.read()
+            if reply is grpc.aio.EOF:
+                raise self._classify(await self._call.code(), f"stream ended: {await self._call.details()}")
+            if not reply.step_id or reply.step_id >= step_id:
+                return reply
+
+    async def _guarded(self, io: Awaitable[T]) -> T:
+        """``io`` under the step timeout, with every way the stream can fail mapped to HopFailure/InvalidRequest."""
         try:
             async with asyncio.timeout(self.step_timeout_s):  # no extra task per step, unlike wait_for
-                reply = await self._exchange(message)
+                return await io
         except TimeoutError:
             self._call.cancel()
             raise HopFailure(self.hop, f"no reply within {self.step_timeout_s:.1f} s", dead=False) from None
@@ -128,27 +192,11 @@ class RemoteSpan:
             raise self._classify(exc.code(), exc.details()) from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError, OSError):  # the stream had already ended
             raise self._classify(await self._call.code(), await self._call.details()) from None
-        self._opened = True
-        try:
-            out = decode_tensor(reply.hidden, self.tensor_limits)
-        except TensorDecodeError as exc:
-            raise HopFailure(self.hop, f"bad tensor in reply: {exc}", dead=True) from None
-        if out.shape != hidden.shape or reply.position != position + hidden.shape[1]:
-            raise HopFailure(self.hop, f"reply shape {list(out.shape)} / position {reply.position} does not match",
-                             dead=True)
-        return out
 
     def _classify(self, code: grpc.StatusCode, details: str | None) -> Exception:
         if code in RETRYABLE:
             return HopFailure(self.hop, f"{code.name}: {details}", dead=code in DEAD)
         return InvalidRequestError(f"peer {self.hop.peer_id} rejected the step: {code.name}: {details}")
-
-    async def _exchange(self, message: blocks_pb2.InferenceStep) -> blocks_pb2.InferenceStepResult:
-        await self._call.write(message)
-        reply = await self._call.read()
-        if reply is grpc.aio.EOF:
-            raise self._classify(await self._call.code(), f"stream ended: {await self._call.details()}")
-        return reply
 
     async def close(self) -> None:
         """End the session (the peer frees its cache); never raises."""

@@ -13,22 +13,42 @@ check; a bad one ends only its own stream with INVALID_ARGUMENT. Compute runs on
 dedicated thread, so the event loop keeps serving other streams while a step computes
 and no two steps touch the modules at once. Messages are bounded: the gRPC maximum is
 the largest tensor a session may legally send plus a small envelope.
+
+- ``Push``: server-to-server. A step may carry a ``route`` (the hops after this one,
+  see :mod:`node.blocks.push`): the output then also goes straight into ``route[0]``'s
+  session, and that hop's own output onward, so a token crosses n + 1 messages instead
+  of 2n. Every step, pushed or not, is answered to the driver on its session stream.
+  Steps are numbered by the driver; a session applies each ``step_id`` at most once, in
+  increasing order, so a stale push (the driver already carried the step itself after a
+  failure) or a cycle is dropped rather than recomputed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 from node.blocks.block_functions import BlockSpan, run_span
 from node.blocks.kv_cache import CacheFullError, CacheManager, SessionCache
+from node.blocks.push import (
+    MAX_SESSION_ID,
+    NoPush,
+    PushChannels,
+    PushError,
+    PushLink,
+    PushPolicy,
+    PushTarget,
+    RouteError,
+    parse_route,
+)
 from proto import blocks_pb2, blocks_pb2_grpc, common_pb2
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
 from proto.records import HardwareInfo
@@ -36,7 +56,6 @@ from proto.records import HardwareInfo
 logger = logging.getLogger(__name__)
 
 MESSAGE_ENVELOPE_BYTES = 64 * 1024  # protobuf fields around the one tensor of a message
-MAX_SESSION_ID = 128
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,7 @@ class ServerLimits:
     max_sessions: int = 256  # open sessions, all peers together
     max_sessions_per_peer: int = 64  # open sessions from one peer host (one stranger cannot take them all)
     inline_tokens: int = 4  # steps of at most this many tokens compute on the event loop (no thread hand-off)
+    push_timeout_s: float = 5.0  # a push to the next hop must be handed to the transport within this
 
     def max_tensor_bytes(self, hidden_size: int) -> int:
         return self.max_batch * self.max_length * hidden_size * 4  # fp32 is the widest dtype accepted
@@ -64,6 +84,20 @@ class StepError(Exception):
         self.code = code
 
 
+@dataclass(eq=False)
+class _Live:
+    """A session open on this node: its cache, the driver's stream, and where its outputs are pushed."""
+
+    session_id: str
+    start: int
+    end: int
+    cache: SessionCache
+    context: grpc.aio.ServicerContext  # the driver's stream: every step is answered there
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # driver steps and pushed steps, one at a time
+    last_step: int = 0  # highest step id applied
+    link: PushLink | None = None  # Push stream into the next hop's session
+
+
 class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
     """Serves one :class:`BlockSpan` of ``model_name``."""
 
@@ -77,6 +111,8 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         node_id: Callable[[], str] = lambda: "",
         hardware: HardwareInfo | None = None,
         throughput_tok_s: float = 0.0,
+        push_policy: PushPolicy | None = None,
+        push_channels: PushChannels | None = None,
     ) -> None:
         self.span = span
         self.model_name = model_name
@@ -85,13 +121,24 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         self.node_id = node_id
         self.hardware = hardware or HardwareInfo()
         self.throughput_tok_s = throughput_tok_s
+        self.push_policy: PushPolicy = push_policy or NoPush()
+        self.num_blocks = int(span.config.num_hidden_layers)
         self.max_length = min(limits.max_length, int(span.config.max_position_embeddings))
         self.tensor_limits = TensorLimits(max_bytes=limits.max_tensor_bytes(span.hidden_size))
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocks-compute")
         self._per_peer: Counter[str] = Counter()  # open sessions by peer host
+        self._live: dict[str, _Live] = {}  # open sessions by id (what pushes may target)
+        self.push_channels = push_channels or PushChannels(
+            grpc_options(limits.max_message_bytes(span.hidden_size)), timeout_s=limits.push_timeout_s
+        )
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """:meth:`close` plus the channels this node pushes through."""
+        self.close()
+        await self.push_channels.close()
 
     @property
     def load(self) -> float:
@@ -112,40 +159,53 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         out = await self._run(hidden, start=start, end=end, position=0, cache=None)
         return blocks_pb2.ForwardResponse(hidden=encode_tensor(out))
 
-    async def Inference(
+    async def Inference(  # type: ignore[override]
         self, request_iterator: AsyncIterator[blocks_pb2.InferenceStep], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[blocks_pb2.InferenceStepResult]:
-        session_id = ""
-        cache: SessionCache | None = None
-        start = end = 0
+    ) -> None:
+        live: _Live | None = None
         peer = _peer_host(context.peer())
         try:
             async for step in request_iterator:
-                if cache is None:
+                if live is None:
                     if self._per_peer[peer] >= self.limits.max_sessions_per_peer:
                         raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"{peer} already holds {self.limits.max_sessions_per_peer} sessions here")
-                    session_id, start, end, cache = self._open(step)
+                    live = self._open(step, context)
                     self._per_peer[peer] += 1
-                elif self.caches.get(session_id) is None:
-                    raise StepError(grpc.StatusCode.ABORTED, f"session {session_id} expired; replay it")
                 if step.close and not step.HasField("hidden"):
                     break
-                hidden = self._decode_hidden(step.hidden, batch=cache.spec.batch)
-                self._check_position(cache, step.position, hidden.shape[1])
-                out = await self._run(hidden, start=start, end=end, position=step.position, cache=cache)
-                yield blocks_pb2.InferenceStepResult(hidden=encode_tensor(out), position=cache.length)
+                async with live.lock:
+                    await self._step(live, step, pushed=False)
                 if step.close:
                     break
         except StepError as exc:
-            logger.info("session %s: %s %s", session_id or "?", exc.code.name, exc)
+            logger.info("session %s: %s %s", live.session_id if live else "?", exc.code.name, exc)
             await context.abort(exc.code, str(exc))
         finally:
-            if cache is not None:
-                self.caches.free(session_id)
-                self._per_peer[peer] -= 1
-                if self._per_peer[peer] <= 0:
-                    del self._per_peer[peer]
+            if live is not None:
+                self._end(live, peer)
+
+    async def Push(
+        self, request_iterator: AsyncIterator[blocks_pb2.InferenceStep], context: grpc.aio.ServicerContext
+    ) -> blocks_pb2.PushReceipt:
+        """Steps pushed by the previous hop into sessions open here; each is answered to that session's driver."""
+        count = 0
+        async for step in request_iterator:
+            live = self._live.get(step.session_id)
+            if live is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "no such session open here (closed or expired)")
+            assert live is not None  # abort raises
+            async with live.lock:
+                try:
+                    await self._step(live, step, pushed=True)
+                except Exception as exc:  # the session's driver hears of it and moves the span
+                    reason = f"{exc.code.name}: {exc}" if isinstance(exc, StepError) else f"INTERNAL: {exc!r}"
+                    logger.info("session %s: pushed step %d rejected: %s", live.session_id, step.step_id, reason)
+                    with contextlib.suppress(Exception):  # the driver's stream may be gone as well
+                        await self._answer(live, blocks_pb2.InferenceStepResult(step_id=step.step_id,
+                                                                                rejected=reason))
+            count += 1
+        return blocks_pb2.PushReceipt(steps=count)
 
     async def Info(
         self, request: blocks_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -190,7 +250,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
             )
         return start, end
 
-    def _open(self, step: blocks_pb2.InferenceStep) -> tuple[str, int, int, SessionCache]:
+    def _open(self, step: blocks_pb2.InferenceStep, context: grpc.aio.ServicerContext) -> _Live:
         start, end = self._check_target(step.model, step.start_block, step.end_block)
         session_id = step.session_id
         if not 0 < len(session_id) <= MAX_SESSION_ID:
@@ -209,7 +269,68 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except KeyError as exc:
             raise StepError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
-        return session_id, start, end, cache
+        live = _Live(session_id, start, end, cache, context)
+        self._live[session_id] = live
+        return live
+
+    def _end(self, live: _Live, peer: str) -> None:
+        self.caches.free(live.session_id)
+        self._live.pop(live.session_id, None)
+        if live.link is not None:
+            live.link.abort()
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
+
+    async def _step(self, live: _Live, step: blocks_pb2.InferenceStep, *, pushed: bool) -> None:
+        """Apply one step (from the driver, or ``pushed`` by the previous hop), push it on, answer the driver.
+
+        The caller holds ``live.lock``. :raises StepError: for a step this session cannot apply.
+        """
+        if self.caches.get(live.session_id) is None:
+            raise StepError(grpc.StatusCode.ABORTED, f"session {live.session_id} expired; replay it")
+        if step.step_id and step.step_id <= live.last_step:
+            if pushed:  # stale: the driver carried this step itself after a failure (or a cycle came back)
+                return
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"step_id {step.step_id} after {live.last_step}: step ids must increase")
+        hidden = self._decode_hidden(step.hidden, batch=live.cache.spec.batch)
+        self._check_position(live.cache, step.position, hidden.shape[1])
+        try:
+            route = parse_route(step.route, after=live.end, num_blocks=self.num_blocks) if step.route else ()
+        except RouteError as exc:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        out = await self._run(hidden, start=live.start, end=live.end, position=step.position, cache=live.cache)
+        if step.step_id:
+            live.last_step = step.step_id
+        result = blocks_pb2.InferenceStepResult(hidden=encode_tensor(out), position=live.cache.length,
+                                                step_id=step.step_id)
+        if route:  # the next hop first: it is the critical path; the driver's copy is for replays
+            try:
+                await self._push(live, route[0], step, result.hidden)
+                result.pushed = True
+            except PushError as exc:
+                result.push_error = str(exc)
+        await self._answer(live, result)
+
+    async def _push(
+        self, live: _Live, target: PushTarget, step: blocks_pb2.InferenceStep, hidden: blocks_pb2.Tensor
+    ) -> None:
+        if live.link is None or live.link.target != target:
+            if not await self.push_policy.allows(self.model_name, target):
+                raise PushError(f"{target.address} is not a peer this node knows to serve blocks "
+                                f"{target.start}:{target.end} of {self.model_name!r}")
+            if live.link is not None:
+                live.link.abort()
+            live.link = self.push_channels.link(target)
+        await live.link.send(blocks_pb2.InferenceStep(
+            session_id=target.session_id, hidden=hidden, position=step.position, step_id=step.step_id,
+            route=step.route[1:],
+        ))
+
+    @staticmethod
+    async def _answer(live: _Live, result: blocks_pb2.InferenceStepResult) -> None:
+        await live.context.write(result)
 
     def _decode_hidden(self, message: blocks_pb2.Tensor, *, batch: int | None) -> torch.Tensor:
         try:
