@@ -38,7 +38,7 @@ import pandas as pd
 
 from proto import common_pb2, messages_pb2
 from proto.records import HardwareInfo
-from scheduler.embeddings import method_features, repetition_score
+from scheduler.embeddings import hardware_features, method_features, repetition_score
 
 REQUIRED = ("task", "method", "hardware", "performance")
 TEXT_COLUMNS = ("task_text", "method_text", "hardware_text")
@@ -51,6 +51,7 @@ ALIASES = {
     "task.repetitive": "task.repetition",
     "task.prompt_len": "task.prompt_tokens",
     "task.max_tokens": "task.max_new_tokens",
+    "hw.delay_ms": "hw.net_rtt_ms",  # the methods benchmark's emulated per-hop delay is a network delay
 }
 
 
@@ -250,7 +251,7 @@ def timing_report_to_row(report: messages_pb2.TimingReport | bytes) -> dict[str,
         "task.repetition": repetition_score(text) if text else math.nan,
     }
     row.update(method_features(row["method"]))
-    row.update(hw.features())
+    row.update(hardware_features(hw))
     row.update(
         {
             "request_id": report.request_id,

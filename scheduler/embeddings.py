@@ -100,9 +100,20 @@ def method_text(name: str) -> str:
     return f"{name.replace('_', ' ')}: " + (", ".join(on) if on else "plain autoregressive decoding")
 
 
+WEIGHT_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.0}
+
+
 def hardware_features(hw: HardwareInfo) -> dict[str, float]:
-    """The numeric part of theta."""
-    return hw.features()
+    """The numeric part of theta, as both training rows and selection-time rows fill it.
+
+    ``hw.weight_bits`` (bits per weight of the group's weight format, NaN when unknown) is
+    derived here so the methods benchmark's column means the same at selection time;
+    its ``hw.delay_ms`` is read as ``hw.net_rtt_ms`` (dataset alias: both are the network
+    time one hop adds to a round trip).
+    """
+    feats = hw.features()
+    feats["hw.weight_bits"] = WEIGHT_BITS.get(hw.weight_format.lower(), math.nan)
+    return feats
 
 
 def normalize_text(text: str) -> str:

@@ -19,7 +19,14 @@ import pandas as pd
 from proto.methods import METHODS
 from proto.records import HardwareInfo
 from scheduler.config import PredictorConfig
-from scheduler.embeddings import TASK_FEATURES, TextEncoder, TextProjection, method_features, normalize_text
+from scheduler.embeddings import (
+    TASK_FEATURES,
+    TextEncoder,
+    TextProjection,
+    hardware_features,
+    method_features,
+    normalize_text,
+)
 
 
 def _text_col(df: pd.DataFrame, col: str) -> list[str]:
@@ -312,7 +319,7 @@ class FeatureSpace:
 
     def hardware_vector(self, group: str, hw: HardwareInfo, text_embedding: np.ndarray | None) -> np.ndarray:
         vec = np.full(self.n_hw, np.nan, np.float32)
-        feats = hw.features()
+        feats = hardware_features(hw)
         for j, col in enumerate(self.hw_cols):
             if col in feats:
                 vec[j] = feats[col]

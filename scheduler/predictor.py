@@ -100,7 +100,8 @@ class MetaPredictor:
             self._forest = CompiledForest(boosters, len(self._names))
         return self._forest
 
-    def _split(self, sums: np.ndarray) -> Prediction:
+    def split(self, sums: np.ndarray) -> Prediction:
+        """Member sums (rows, members [+ runtime]) -> mean, spread and runtime of the prediction."""
         k = len(self.members)
         perf = sums[:, :k]
         return Prediction(
@@ -111,14 +112,14 @@ class MetaPredictor:
 
     def predict_matrix(self, x: np.ndarray) -> Prediction:
         """Fast path (compiled numpy forest) for feature matrices built by :class:`FeatureSpace`."""
-        return self._split(self.forest.member_sums(x))
+        return self.split(self.forest.member_sums(x))
 
     def predict_matrix_xgb(self, x: np.ndarray) -> Prediction:
         """The same through XGBoost itself (reference; used by tests and batch evaluation)."""
         cols = [m.inplace_predict(x) for m in self.members]
         if self.runtime_model is not None:
             cols.append(self.runtime_model.inplace_predict(x))
-        return self._split(np.stack(cols, 1).astype(np.float64))
+        return self.split(np.stack(cols, 1).astype(np.float64))
 
     def predict_frame(self, df: pd.DataFrame, encoder: TextEncoder | None = None) -> Prediction:
         return self.predict_matrix_xgb(self.space.transform(df, encoder))

@@ -36,7 +36,8 @@ import numpy as np
 
 from proto.errors import BudgetInvalidError, BudgetTooLowError, UnknownModelError
 from proto.methods import DEFAULT_METHOD
-from scheduler.embeddings import repetition_score, task_features
+from scheduler.binned import BinnedForest, PairScorer
+from scheduler.embeddings import TASK_FEATURES, repetition_score
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor
 from scheduler.textcache import BackgroundTextCache, get_background_cache
@@ -181,6 +182,7 @@ class _Plan:
     price_per_s: np.ndarray  # (pairs,)
     flags: np.ndarray  # (pairs, n_cross_flags): the method side of the method x task crosses
     complete: bool  # False while a hardware text embedding is still being computed
+    scorer: PairScorer | None  # the pairs' fixed features folded into leaf masks (None: walk the trees)
 
 
 @dataclass
@@ -221,7 +223,13 @@ class MetaInfPolicy(SchedulingPolicy):
         self._fallback = ExpertRulesPolicy()
         self.decisions = 0
         self.explorations = 0
-        predictor.forest  # noqa: B018 - compile the trees now, not on the first request
+        self.text_fallbacks = 0  # selections made with NaN text dims because the embedding was not ready
+        forest = predictor.forest  # compile the trees now, not on the first request
+        self._binned = BinnedForest(forest) if forest.depth <= BinnedForest.MAX_DEPTH else None
+        space = self._space
+        # where each canonical task feature goes in the task block (the rest stays NaN)
+        self._task_slots = [(i, space.task_cols.index(c)) for i, c in enumerate(TASK_FEATURES) if c in space.task_cols]
+        self._text_dims: OrderedDict[str, np.ndarray] = OrderedDict()  # task text -> its projected dims
 
     @classmethod
     def load(cls, path: str | Path, config: SelectionConfig | None = None, *, seed: int | None = None) -> MetaInfPolicy:
@@ -266,12 +274,51 @@ class MetaInfPolicy(SchedulingPolicy):
                 prices.append(c.hardware.price_per_hour / 3600.0)
         block = np.stack(rows).astype(np.float32) if rows else np.zeros((0, space.n_method + space.n_hw), np.float32)
         flags = block[:, space.flag_index] if space.n_cross else np.zeros((len(rows), 0), np.float32)
-        plan = _Plan(methods, np.asarray(groups, np.int64), block, np.asarray(prices, np.float64), flags, complete)
+        scorer = PairScorer(self._binned, space.n_task, block, flags) if self._binned is not None and rows else None
+        plan = _Plan(methods, np.asarray(groups, np.int64), block, np.asarray(prices, np.float64), flags, complete,
+                     scorer)
         if complete:
             self._plans[key] = plan
             while len(self._plans) > 64:
                 self._plans.popitem(last=False)
         return plan
+
+    def _task_dims(self, text: str) -> np.ndarray | None:
+        """Projected LM dims of a task text, or None (then NaN, which training's text dropout prepared for).
+
+        Never waits: a text not embedded yet is queued for the background encoder and this
+        selection goes without it (counted in :attr:`text_fallbacks`).
+        """
+        dims = self._text_dims.get(text)
+        if dims is not None:
+            return dims
+        proj = self._space.task_text
+        emb = self._embedding(text)
+        if emb is None or proj is None:
+            self.text_fallbacks += 1
+            return None
+        dims = proj.project(emb)[0].astype(np.float32)
+        self._text_dims[text] = dims
+        if len(self._text_dims) > 20000:
+            self._text_dims.popitem(last=False)
+        return dims
+
+    def _task_block(self, request: RequestFeatures) -> np.ndarray:
+        """psi for one request, laid out as FeatureSpace.task_vector would (NaN where unknown)."""
+        space = self._space
+        text = request.task_text
+        values = (
+            request.prompt_tokens, request.max_new_tokens, request.shared_prefix_ratio, request.concurrency,
+            _repetition(text) if text else math.nan,
+        )
+        vec = np.full(space.n_task, np.nan, np.float32)
+        for i, j in self._task_slots:
+            vec[j] = values[i]
+        if space.task_text is not None and text:
+            dims = self._task_dims(text)
+            if dims is not None:
+                vec[len(space.task_cols) :] = dims
+        return vec
 
     def score(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> ScoredPairs:
         """Steps 1-3 of Algorithm 2 for every pair (no exploration, no error when nothing fits)."""
@@ -281,16 +328,18 @@ class MetaInfPolicy(SchedulingPolicy):
             empty = np.zeros(0)
             return ScoredPairs([], [], empty, empty, empty, empty, np.zeros(0, bool), empty)
         space = self._space
-        rep = _repetition(request.task_text) if request.task_text else math.nan
-        text = self._embedding(request.task_text) if space.task_text is not None else None
-        task = space.task_vector(task_features(request, rep), text)
-        nb = plan.block.shape[1]
-        x = np.empty((n, space.n_task + nb + space.n_cross), np.float32)
-        x[:, : space.n_task] = task
-        x[:, space.n_task : space.n_task + nb] = plan.block
-        if space.n_cross:
-            x[:, space.n_task + nb :] = space.crosses(plan.flags, space.cross_task_values(task))
-        pred = self.predictor.predict_matrix(x)
+        task = self._task_block(request)
+        if plan.scorer is not None:
+            sums = plan.scorer.sums(task[None], space.cross_task_values(task)[None])[0]
+        else:
+            nb = plan.block.shape[1]
+            x = np.empty((n, space.n_task + nb + space.n_cross), np.float32)
+            x[:, : space.n_task] = task
+            x[:, space.n_task : space.n_task + nb] = plan.block
+            if space.n_cross:
+                x[:, space.n_task + nb :] = space.crosses(plan.flags, space.cross_task_values(task))
+            sums = self.predictor.forest.member_sums(x)
+        pred = self.predictor.split(sums)
         tps = np.exp(pred.mean_log)
         # runtime: the runtime model, or (without runtime_s in the data) output tokens / predicted tokens/s
         runtime = np.exp(pred.runtime_log) if pred.runtime_log is not None else max(1, request.max_new_tokens) / tps

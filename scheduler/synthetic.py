@@ -34,7 +34,7 @@ import pandas as pd
 
 from proto.methods import METHODS
 from proto.records import HardwareInfo
-from scheduler.embeddings import method_text
+from scheduler.embeddings import hardware_features, method_text
 
 CANONICAL_HARDWARE = (
     ("cpu-2c", HardwareInfo(cpu_cores=2, ram_gb=8, gflops=60, mem_bandwidth_gbs=18, threads=2, price_per_hour=0.05,
@@ -206,7 +206,7 @@ def generate(
                         "task.concurrency": float(task.concurrency),
                         "task.repetition": task.repetition,
                         **METHODS[method].features(),
-                        **hw.features(),
+                        **hardware_features(hw),
                         "planted_best": ranked[0],
                         "planted_margin": margin,
                     }

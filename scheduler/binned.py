@@ -1,0 +1,287 @@
+"""Tree ensembles evaluated by leaf bitmasks per feature bin: the selection path's predictor.
+
+Why: in the broker loop a selection scores every (method, group) pair, 32 rows for
+8 methods x 4 groups, and level-by-level tree walking (:class:`~scheduler.forest.CompiledForest`)
+costs 7-20 µs per row on the 2-core VM. But within one selection only the task part
+of the rows changes; the method and hardware parts are fixed per candidate set. So:
+
+- Every split compares one feature with a threshold, so a tree only sees *which bin*
+  of its feature's sorted thresholds a value falls in. For each feature and bin we
+  precompute, per tree, the AND of the leaf masks of every node that sends the value
+  right (the node's left-subtree leaves cannot be the exit leaf). The exit leaf of a
+  tree is the lowest set bit of the AND over all features (QuickScorer, Lucchese et
+  al. 2015, evaluated here with numpy over all trees at once).
+- :class:`PairScorer` folds the fixed features of each pair into one mask per
+  (pair, tree) when the candidate set is first seen. Per request it looks up the
+  bins of the task features only (and of the method-flag x task crosses, which are
+  either the task value or zero), ANDs a few rows, and reads the leaves.
+- The result is a function of those bins alone, so it is memoised per bin vector:
+  exact, not an approximation (requests in the same bins get the same prediction
+  from the trees anyway).
+
+Results equal CompiledForest's to float32 rounding (tested), NaN following each
+node's default direction as in XGBoost.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from scheduler.forest import CompiledForest
+
+
+class BinnedForest:
+    """Per-feature bin -> per-tree leaf mask tables for a :class:`CompiledForest` (depth <= 6)."""
+
+    MAX_DEPTH = 6  # 64 leaves: one uint64 mask per tree
+
+    def __init__(self, forest: CompiledForest) -> None:
+        depth = forest.depth
+        if depth > self.MAX_DEPTH:
+            raise ValueError(f"trees of depth {depth} need more than 64-bit leaf masks")
+        self.forest = forest
+        self.n_features = nf = forest.n_features
+        self.n_trees = nt = forest.n_trees
+        self.depth = depth
+        self.bits = 32 if depth <= 5 else 64
+        self.dtype = np.uint32 if self.bits == 32 else np.uint64
+        ones = (1 << (1 << depth)) - 1 if depth < 6 else (1 << 64) - 1
+        self.ones = self.dtype(ones)
+        # every real node: (feature, default_right, threshold, tree, mask of the leaves it keeps when going right)
+        feats, rights, thrs, trees, masks = [], [], [], [], []
+        for d in range(depth):
+            width = 1 << d
+            f = forest._feat[d].reshape(nt, width).astype(np.int64)
+            t = forest._thr[d].reshape(nt, width)
+            span = 1 << (depth - d)  # leaves under a node of this level
+            for i in range(width):
+                real = np.isfinite(t[:, i])  # pass-through nodes (threshold +inf) always go left
+                if not real.any():
+                    continue
+                left = ((1 << (span // 2)) - 1) << (i * span)
+                tree_ids = np.flatnonzero(real)
+                feats.append(f[tree_ids, i] % nf)
+                rights.append(f[tree_ids, i] >= nf)
+                thrs.append(t[tree_ids, i])
+                trees.append(tree_ids)
+                masks.append(np.full(len(tree_ids), ones ^ left, dtype=object))
+        feat = np.concatenate(feats) if feats else np.zeros(0, np.int64)
+        right = np.concatenate(rights) if rights else np.zeros(0, bool)
+        thr = np.concatenate(thrs).astype(np.float32) if thrs else np.zeros(0, np.float32)
+        tree = np.concatenate(trees) if trees else np.zeros(0, np.int64)
+        mask = np.concatenate(masks).astype(self.dtype) if masks else np.zeros(0, self.dtype)
+
+        # per feature: sorted distinct thresholds; table rows [bin 0 .. bin k, NaN]
+        self.thresholds: list[np.ndarray] = []
+        self._thr_lists: list[list[float]] = []
+        self.offsets = np.zeros(nf + 1, np.int64)
+        blocks = []
+        for j in range(nf):
+            sel = feat == j
+            th = np.unique(thr[sel])
+            k = len(th)
+            self.thresholds.append(th)
+            self._thr_lists.append([float(v) for v in th])
+            block = np.full((k + 2, nt), self.ones, self.dtype)
+            if k:
+                # a node with threshold th[r] sends values of bin >= r + 1 right
+                rank = np.searchsorted(th, thr[sel]) + 1
+                np.bitwise_and.at(block, (rank, tree[sel]), mask[sel])
+                block[: k + 1] = np.bitwise_and.accumulate(block[: k + 1], axis=0)
+                nan_sel = right[sel]
+                np.bitwise_and.at(block, (np.full(nan_sel.sum(), k + 1), tree[sel][nan_sel]), mask[sel][nan_sel])
+            blocks.append(block)
+            self.offsets[j + 1] = self.offsets[j] + k + 2
+        self.table = np.concatenate(blocks) if blocks else np.zeros((0, nt), self.dtype)
+        self.used = np.array([len(th) > 0 for th in self.thresholds], bool)
+        self._leaf_base = (np.arange(nt, dtype=np.intp) << depth) - 1
+        ends = np.append(forest.starts[1:], nt)
+        self._member_matrix = np.zeros((nt, len(forest.starts)), np.float32)
+        for i, (a, z) in enumerate(zip(forest.starts, ends, strict=True)):
+            self._member_matrix[a:z, i] = 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.table.nbytes)
+
+    def row(self, feature: int, value: float) -> int:
+        """Table row of ``value`` for ``feature`` (one value; bisect on a list is the fastest scalar path)."""
+        if value != value:  # NaN
+            return int(self.offsets[feature + 1]) - 1
+        return int(self.offsets[feature]) + bisect.bisect_right(self._thr_lists[feature], value)
+
+    def rows(self, feature: int, values: np.ndarray) -> np.ndarray:
+        """Table rows of many values of one feature."""
+        values = np.asarray(values, np.float32)
+        out = np.searchsorted(self.thresholds[feature], values, side="right").astype(np.intp)
+        out += int(self.offsets[feature])
+        out[np.isnan(values)] = int(self.offsets[feature + 1]) - 1
+        return out
+
+    def masks(self, x: np.ndarray) -> np.ndarray:
+        """(rows, n_trees) leaf masks of whole feature rows (used to fold the fixed part of pairs)."""
+        x = np.asarray(x, np.float32)
+        idx = np.stack([self.rows(j, x[:, j]) for j in range(self.n_features) if self.used[j]], 1)
+        return np.bitwise_and.reduce(self.table[idx], axis=1)
+
+    def sums(self, masks: np.ndarray) -> np.ndarray:
+        """(..., n_members) raw member predictions from (..., n_trees) leaf masks.
+
+        The exit leaf is the lowest set bit: ``popcount(m ^ (m - 1)) - 1`` (the -1 is in ``_leaf_base``).
+        """
+        low = np.bitwise_count(masks ^ (masks - self.dtype(1)))
+        values = self.forest._leaf.take(self._leaf_base + low)
+        out = (values @ self._member_matrix).astype(np.float64)  # BLAS sum per member: far cheaper than reduceat
+        out += self.forest.bases
+        return out
+
+    def member_sums(self, x: np.ndarray) -> np.ndarray:
+        """Same as :meth:`CompiledForest.member_sums` (reference path, whole rows)."""
+        return self.sums(self.masks(x))
+
+
+class PairScorer:
+    """Scores one candidate set's (method, group) pairs for many requests (see the module docstring).
+
+    The feature layout is FeatureSpace's: ``[task (n_task) | fixed block (nb) | crosses]`` where cross
+    ``(k, j)`` (column ``n_task + nb + k * n_ct + j``) is ``flag_k * g_j``: the pair's binary method flag
+    times the request's task value ``g_j`` on the cross scale. A flag of 1 makes it ``g_j``, a flag of 0
+    makes it ``0`` (NaN when ``g_j`` is), any other flag value (NaN) makes it NaN.
+    """
+
+    def __init__(
+        self, binned: BinnedForest, n_task: int, block: np.ndarray, flags: np.ndarray, *, memo_size: int = 4096
+    ) -> None:
+        self.binned = b = binned
+        self.n_task = n_task
+        pairs, nb = block.shape
+        n_flags = flags.shape[1]
+        n_cross = b.n_features - n_task - nb
+        if n_cross < 0 or (n_flags and n_cross % n_flags) or (not n_flags and n_cross):
+            raise ValueError("the pair block and the method flags do not match the forest's feature count")
+        self.n_ct = n_ct = n_cross // n_flags if n_flags else 0
+        self.n_flags = n_flags
+        self.pairs = pairs
+        c0 = n_task + nb
+        self.cross_cols = [[c0 + k * n_ct + j for j in range(n_ct)] for k in range(n_flags)]
+        on = flags == 1.0
+        off = flags == 0.0
+        # fixed part of every pair: its block, and crosses whose flag is neither 0 nor 1 (always NaN)
+        base = np.full((pairs, b.n_trees), b.ones, b.dtype)
+        for p in range(pairs):
+            idx = [b.row(n_task + j, float(block[p, j])) for j in range(nb) if b.used[n_task + j]]
+            idx += [b.row(c, float("nan")) for k in range(n_flags) if not (on[p, k] or off[p, k])
+                    for c in self.cross_cols[k] if b.used[c]]
+            if idx:
+                base[p] = np.bitwise_and.reduce(b.table[np.asarray(idx, np.intp)], axis=0)
+        self.base = base
+        # flag patterns (one per method, in practice): which flags are on, which are off
+        self.state = np.where(on, 0, np.where(off, 1, 2)).astype(np.int8) if pairs else np.zeros((0, n_flags), np.int8)
+        if pairs and n_flags:
+            patterns, inverse = np.unique(self.state, axis=0, return_inverse=True)
+        else:
+            patterns, inverse = np.full((1, n_flags), 2, np.int8), np.zeros(pairs, np.intp)
+        self.patterns = patterns
+        self.pattern_of = np.asarray(inverse, np.intp).reshape(-1)
+        # per pattern, the flags that are on, padded with index n_flags (the all-ones row)
+        on_flags = [[k for k in range(n_flags) if pat[k] == 0] for pat in patterns]
+        width = max((len(f) for f in on_flags), default=0)
+        self._on_index = np.full((len(patterns), max(width, 1)), n_flags, np.intp)
+        for gi, ks in enumerate(on_flags):
+            self._on_index[gi, : len(ks)] = ks
+        self._off_masks: dict[bytes, np.ndarray] = {}  # NaN pattern of g -> (G, T) masks of the "off" crosses
+        self._ones_row = np.full((1, b.n_trees), b.ones, b.dtype)
+        self._memo: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._memo_size = memo_size
+        self.hits = 0
+        self.misses = 0
+
+    def _off(self, nan: np.ndarray) -> np.ndarray:
+        """(G, T): per pattern, the AND over its flag-0 crosses, whose value is 0, or NaN where g_j is NaN."""
+        key = nan.tobytes()
+        got = self._off_masks.get(key)
+        if got is None:
+            b = self.binned
+            got = np.full((len(self.patterns), b.n_trees), b.ones, b.dtype)
+            for gi, pat in enumerate(self.patterns):
+                idx = [b.row(c, float("nan") if nan[j] else 0.0) for k in range(self.n_flags) if pat[k] == 1
+                       for j, c in enumerate(self.cross_cols[k])]
+                if idx:
+                    got[gi] = np.bitwise_and.reduce(b.table[np.asarray(idx, np.intp)], axis=0)
+            self._off_masks[key] = got
+        return got
+
+    def _request_rows(self, task: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """(k, n_task + F * n_ct) table rows: the task features, then every cross with its flag on."""
+        b = self.binned
+        k = task.shape[0]
+        out = np.empty((k, self.n_task + self.n_flags * self.n_ct), np.intp)
+        if k == 1:  # scalar bisects beat numpy calls on one value
+            row = b.row
+            out[0, : self.n_task] = [row(j, float(v)) for j, v in enumerate(task[0].tolist())]
+            gl = g[0].tolist()
+            out[0, self.n_task :] = [row(c, float(gl[j])) for cols in self.cross_cols for j, c in enumerate(cols)]
+        else:
+            for j in range(self.n_task):
+                out[:, j] = b.rows(j, task[:, j])
+            pos = self.n_task
+            for cols in self.cross_cols:
+                for j, c in enumerate(cols):
+                    out[:, pos] = b.rows(c, g[:, j])
+                    pos += 1
+        return out
+
+    def sums(self, task: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """(k, pairs, n_members) raw member predictions for k requests.
+
+        ``task``: (k, n_task) float32 task blocks; ``g``: (k, n_ct) their values on the cross scale.
+        """
+        k = task.shape[0]
+        rows = self._request_rows(task, g)
+        nan = np.isnan(g)
+        keys = [rows[i].tobytes() + nan[i].tobytes() for i in range(k)]
+        out = np.empty((k, self.pairs, self.binned.forest.n_members), np.float64)
+        todo = []
+        for i, key in enumerate(keys):
+            hit = self._memo.get(key)
+            if hit is None:
+                todo.append(i)
+            else:
+                self._memo.move_to_end(key)
+                out[i] = hit
+        self.hits += k - len(todo)
+        if todo:
+            self.misses += len(todo)
+            for i, result in zip(todo, self._compute(rows[todo], nan[todo]), strict=True):
+                out[i] = result
+                if self._memo_size:
+                    self._memo[keys[i]] = result
+            while len(self._memo) > self._memo_size:
+                self._memo.popitem(last=False)
+        return out
+
+    def _compute(self, rows: np.ndarray, nan: np.ndarray) -> np.ndarray:
+        b = self.binned
+        k = rows.shape[0]
+        table = b.table
+        nt = self.n_task
+        # (k, T): AND over the task features; contiguous (slots, k, T) gathers reduce fast over axis 0
+        task_mask = np.bitwise_and.reduce(table[rows[:, :nt].T], axis=0)
+        masks = self.base[None] & task_mask[:, None, :]  # (k, P, T)
+        if self.n_flags:
+            on_rows = table[rows[:, nt:].T].reshape(self.n_flags, self.n_ct, k, b.n_trees)
+            on_flag = np.empty((self.n_flags + 1, k, b.n_trees), b.dtype)  # per flag, AND over its crosses
+            np.bitwise_and.reduce(on_rows, axis=1, out=on_flag[: self.n_flags])
+            on_flag[self.n_flags] = b.ones
+            pattern = np.bitwise_and.reduce(on_flag[self._on_index], axis=1)  # (G, k, T)
+            for i in range(k):
+                pattern[:, i] &= self._off(nan[i])
+            masks &= pattern.transpose(1, 0, 2)[:, self.pattern_of]
+        return b.sums(masks)
+
+    def stats(self) -> dict[str, Any]:
+        return {"memo_hits": self.hits, "memo_misses": self.misses, "memo_size": len(self._memo)}
