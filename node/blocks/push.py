@@ -129,22 +129,28 @@ class StaticPushPolicy:
 class SwarmPushPolicy:
     """Allows a target only if the DHT lists a live peer at that address serving those blocks of the model.
 
-    Answers are cached for ``max_age_s`` (positive and negative), so a session pays for a DHT read
-    only when it first meets a target.
+    A yes is cached for ``max_age_s``, so a session pays for a DHT read only when it first meets a
+    target; a no only for ``refusal_age_s``, so a peer that has just joined (a replacement the driver
+    found) is allowed as soon as its records can be read.
     """
 
     def __init__(
-        self, records: Callable[[str], Awaitable[list[BlockRecord]]], *, max_age_s: float = 10.0
+        self,
+        records: Callable[[str], Awaitable[list[BlockRecord]]],
+        *,
+        max_age_s: float = 10.0,
+        refusal_age_s: float = 1.0,
     ) -> None:
         self._records = records  # model -> its live block records
         self.max_age_s = max_age_s
+        self.refusal_age_s = refusal_age_s
         self._cache: dict[tuple[str, PushTarget], tuple[bool, float]] = {}
 
     async def allows(self, model: str, target: PushTarget) -> bool:
         key = (model, PushTarget(target.address, "", target.start, target.end))
         hit = self._cache.get(key)
         now = time.monotonic()
-        if hit is not None and now - hit[1] < self.max_age_s:
+        if hit is not None and now - hit[1] < (self.max_age_s if hit[0] else self.refusal_age_s):
             return hit[0]
         try:
             records = await self._records(model)

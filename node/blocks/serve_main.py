@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 
+from node.blocks.chain_engine import ChainConfig
 from node.blocks.launch import ServingConfig, start_serving
 
 
@@ -45,6 +46,8 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-period", type=float, default=10.0, help="DHT refresh period, s (default 10)")
     parser.add_argument("--record-ttl", type=float, default=30.0, help="DHT record lifetime, s (default 30)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-push", action="store_true",
+                        help="star mode only: never push outputs to the next hop, nor ask hops to (default: push)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
@@ -66,6 +69,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         session_ttl_s=args.session_ttl,
         announce_period_s=args.announce_period,
         record_ttl_s=args.record_ttl,
+        push=not args.no_push,
+        chain=ChainConfig(push=not args.no_push),
     )
 
 

@@ -5,11 +5,16 @@ Measures, on one prompt:
 - ``local``: the same blocks through node.blocks.block_functions in this process (no network),
   which isolates what the network adds;
 - ``chain2`` / ``chain3``: ChainEngine driving 2 / 3 block-server processes found through
-  the real DHT, all on loopback.
+  the real DHT, all on loopback, in push mode (each hop pushes its output to the next:
+  driver -> s1 -> s2 -> s3 -> driver, n + 1 messages per token);
+- ``chain2_star`` / ``chain3_star``: the same servers in star mode (the driver carries every
+  hop: driver -> s1 -> driver -> s2 -> ..., 2n messages per token).
 
 Decode speed is tokens/s after the first token (prefill excluded, reported apart).
 ``hop_overhead_ms`` = (chain3 per-token time - local per-token time) / 3: what one hop adds
-per token. The last line is a JSON object.
+per token (push mode; ``hop_overhead_ms_star`` for star). The driver's own compute
+(embedding, LM head) runs with ``--driver-threads`` torch threads, like ``local``.
+The last line is a JSON object.
 
     .venv/bin/python scripts/bench/chain.py [--quick] [--model .cache/models/small]
 """
@@ -34,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from node.blocks.block_functions import BlockSpan, run_span  # noqa: E402
-from node.blocks.chain_engine import ChainEngine  # noqa: E402
+from node.blocks.chain_engine import ChainConfig, ChainEngine  # noqa: E402
 from node.blocks.dht import SwarmDHT  # noqa: E402
 from node.blocks.kv_cache import SessionCache  # noqa: E402
 from node.blocks.loader import load_blocks, load_config, load_driver_parts  # noqa: E402
@@ -130,10 +135,19 @@ def spawn(
 class Chain:
     """ChainEngine over block-server processes (one DHT for all benchmarks)."""
 
-    def __init__(self, engine: ChainEngine) -> None:
+    def __init__(self, engine: ChainEngine, threads: int) -> None:
         self.engine = engine
+        self.threads = threads
 
     async def run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # the driver's embedding and LM head, next to 2-3 servers
+        try:
+            return await self._run(prompt, new)
+        finally:
+            torch.set_num_threads(threads)
+
+    async def _run(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
         stamps: list[float] = []
         tokens: list[int] = []
         start = time.perf_counter()
@@ -145,7 +159,7 @@ class Chain:
 
 
 async def run_all(
-    model_dir: Path, prompt: list[int], new: int, rounds: int, threads: int
+    model_dir: Path, prompt: list[int], new: int, rounds: int, threads: int, driver_threads: int
 ) -> dict[str, list[tuple]]:
     layers = int(load_config(model_dir).num_hidden_layers)
     third, half = layers // 3, layers // 2
@@ -160,9 +174,13 @@ async def run_all(
                 procs.append(proc)
                 peers = peers or info["dht_maddrs"]
         dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=peers, client_mode=True)
-        engines = {name: ChainEngine(model_path=str(model_dir), model_name=name, records=dht) for name in layouts}
+        engines = {
+            f"{name}{suffix}": ChainEngine(model_path=str(model_dir), model_name=name, records=dht,
+                                           config=ChainConfig(push=push))
+            for name in layouts for suffix, push in (("", True), ("_star", False))
+        }
         runners: dict[str, object] = {"single": Single(model_dir), "local": Local(model_dir, threads)}
-        runners.update({name: Chain(engine) for name, engine in engines.items()})
+        runners.update({name: Chain(engine, driver_threads) for name, engine in engines.items()})
         results: dict[str, list[tuple]] = {name: [] for name in runners}
         for round_ in range(rounds + 1):  # round 0 warms up (connections, routes, allocator)
             for name, runner in runners.items():
@@ -194,6 +212,8 @@ def main() -> int:
     parser.add_argument("--server-threads", type=int, default=1,
                         help="torch threads per block server, and for the local baseline (default 1: on a 2-core "
                         "host, 2-3 servers with 2 threads each only fight over the cores)")
+    parser.add_argument("--driver-threads", type=int, default=1,
+                        help="torch threads of the chain driver's embedding and LM head (default 1, like local)")
     args = parser.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
@@ -202,7 +222,7 @@ def main() -> int:
     new, rounds = (24, 2) if args.quick else (64, 4)
     prompt = [100 + (i * 37) % 4000 for i in range(args.prompt_tokens)]
     load_before = os.getloadavg()[0]
-    results = asyncio.run(run_all(model_dir, prompt, new, rounds, args.server_threads))
+    results = asyncio.run(run_all(model_dir, prompt, new, rounds, args.server_threads, args.driver_threads))
     rate = {name: statistics.median(r[2] for r in runs) for name, runs in results.items()}
     prefill = {name: round(statistics.median(r[1] for r in runs) * 1000, 1) for name, runs in results.items()}
     tokens = {name: runs[0][0] for name, runs in results.items()}
@@ -220,17 +240,23 @@ def main() -> int:
         "chain2_ratio": round(chain2 / single, 3),
         "chain3_ratio": round(chain3 / single, 3),
         "chain2_vs_local": round(chain2 / local, 3),
-        "hop_overhead_ms": round((per_token["chain3"] - per_token["local"]) / 3, 3),
+        "chain2_star_tok_s": round(rate["chain2_star"], 2),
+        "chain3_star_tok_s": round(rate["chain3_star"], 2),
         "hop_overhead_ms_chain2": round((per_token["chain2"] - per_token["local"]) / 2, 3),
+        "hop_overhead_ms_star": round((per_token["chain3_star"] - per_token["local"]) / 3, 3),
+        "hop_overhead_ms_chain2_star": round((per_token["chain2_star"] - per_token["local"]) / 2, 3),
         "prefill_ms": prefill,
         "identical_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+        "hop_overhead_ms": round((per_token["chain3"] - per_token["local"]) / 3, 3),
         "single_threads": torch.get_num_threads(),
         "server_threads": args.server_threads,
+        "driver_threads": args.driver_threads,
         "cpus": os.cpu_count(),
         "loadavg_before": round(load_before, 2),
+        "loadavg_after": round(os.getloadavg()[0], 2),
     }
-    print(f"single {single:.1f} tok/s | local blocks {local:.1f} | chain2 {chain2:.1f} | chain3 {chain3:.1f}",
-          file=sys.stderr)
+    print(f"single {single:.1f} tok/s | local blocks {local:.1f} | chain2 {chain2:.1f} | chain3 {chain3:.1f} | "
+          f"star: chain2 {rate['chain2_star']:.1f} chain3 {rate['chain3_star']:.1f}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 
