@@ -26,7 +26,8 @@ State directory::
     models/v0001-1a2b3c4d/ ...   one directory per trained model (the newest ``keep_models`` are kept)
     models/CURRENT               name of the model in use (replaced atomically)
 
-:meth:`observe` is cheap (a row conversion and one line appended under a lock)
+:meth:`observe` hands the report to :class:`~scheduler.rowlog.RowLog` (telemetry ingestion:
+a row conversion and one line appended under a lock)
 and deduplicates on ``request_id``, so replaying the telemetry stream from its
 start after a restart does not duplicate rows. Retraining is driven by a daemon
 thread, never the event loop, and the fit itself runs in a child process (no GIL
@@ -40,24 +41,31 @@ and is reported in ``status()["last_error"]``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pandas as pd
 
 from proto import messages_pb2
-from scheduler.dataset import timing_report_to_row
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor, PredictorConfig
+from scheduler.rowlog import RowLog
 from scheduler.selection import ExpertRulesPolicy, MetaInfPolicy, SelectionConfig
-from scheduler.store import CURRENT, DATA_DIR, MODELS_DIR, json_value, read_rows, train_and_save, train_main
+from scheduler.store import (
+    CURRENT,
+    MODELS_DIR,
+    load_current,
+    next_seq,
+    prune_models,
+    read_rows,
+    train_and_save,
+    train_main,
+)
 from scheduler.training import TrainingCancelled
 
 logger = logging.getLogger(__name__)
@@ -96,8 +104,8 @@ class OnlineLearner(SchedulingPolicy):
         self._seed = seed
         self.in_process = in_process  # True: fit in the retrain thread instead of a child process
         self._proc: Any = None  # the running training process, if any
-        (self.state_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
         (self.state_dir / MODELS_DIR).mkdir(parents=True, exist_ok=True)
+        self._rows = RowLog(self.state_dir, chunk_rows=chunk_rows)  # telemetry ingestion
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -105,21 +113,15 @@ class OnlineLearner(SchedulingPolicy):
         self._stop = threading.Event()
         self._requested = False
         self._training = False
-        self._fh: IO[str] | None = None
-        self._chunk_rows_written = 0
-        self._seen: set[str] = set()
-        self.rows_total = 0
         self.rows_since_train = 0
-        self.rejected = 0  # reports that were not rows (failed runs, duplicates)
         self.trains = 0
         self.last_train_at = 0.0
         self.last_train_seconds = 0.0
         self.last_error = ""
         self._last_train_mono = time.monotonic()
 
-        self._load_rows()
         self._policy: SchedulingPolicy = ExpertRulesPolicy()
-        predictor = self._load_current()
+        predictor = load_current(self._models())
         if predictor is None and initial_model is not None:
             predictor = initial_model if isinstance(initial_model, MetaPredictor) else MetaPredictor.load(initial_model)
         if predictor is not None:
@@ -174,58 +176,24 @@ class OnlineLearner(SchedulingPolicy):
 
     # ------------------------------------------------------------ data
 
-    def _load_rows(self) -> None:
-        paths = sorted((self.state_dir / DATA_DIR).glob("rows-*.jsonl"))
-        for path in paths:
-            with path.open() as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    self.rows_total += 1
-                    try:
-                        rid = json.loads(line).get("request_id")
-                    except ValueError:
-                        continue
-                    if rid:
-                        self._seen.add(rid)
-        self._next_chunk = len(paths) + 1
+    @property
+    def rows_total(self) -> int:
+        """Rows in the meta-training set (stored on disk)."""
+        return self._rows.total
 
-    def _open_chunk(self) -> IO[str]:
-        if self._fh is None or self._chunk_rows_written >= self.chunk_rows:
-            if self._fh is not None:
-                self._fh.close()
-            path = self.state_dir / DATA_DIR / f"rows-{self._next_chunk:06d}.jsonl"
-            while path.exists():
-                self._next_chunk += 1
-                path = self.state_dir / DATA_DIR / f"rows-{self._next_chunk:06d}.jsonl"
-            self._next_chunk += 1
-            self._fh = path.open("a", buffering=1)  # line buffered: each row reaches the OS when written
-            self._chunk_rows_written = 0
-        return self._fh
+    @property
+    def rejected(self) -> int:
+        """Reports that were not rows (failed runs, duplicates)."""
+        return self._rows.rejected
 
     def observe(self, report: messages_pb2.TimingReport | bytes | Mapping[str, Any]) -> bool:
         """Append one telemetry report (or an already converted row) to the meta-training set.
 
         Returns False when it is not a row: a failed run, no throughput, or a request_id seen before.
         """
-        if isinstance(report, Mapping):
-            row: dict[str, Any] | None = dict(report)
-        else:
-            row = timing_report_to_row(report)
-        if row is None:
-            self.rejected += 1
+        if not self._rows.append(report):
             return False
-        rid = row.get("request_id")
-        line = json.dumps({k: json_value(v) for k, v in row.items()}, default=str)
         with self._lock:
-            if rid:
-                if rid in self._seen:
-                    self.rejected += 1
-                    return False
-                self._seen.add(rid)
-            self._open_chunk().write(line + "\n")
-            self._chunk_rows_written += 1
-            self.rows_total += 1
             self.rows_since_train += 1
             if self.rows_since_train >= self.retrain_every and self.rows_total >= self.min_rows:
                 self._requested = True
@@ -234,9 +202,7 @@ class OnlineLearner(SchedulingPolicy):
 
     def dataset(self) -> pd.DataFrame:
         """The stored meta-training set (newest ``max_rows`` rows)."""
-        with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
+        self._rows.flush()
         df = read_rows(self.state_dir)
         return df.tail(self.max_rows).reset_index(drop=True) if len(df) > self.max_rows else df
 
@@ -244,31 +210,6 @@ class OnlineLearner(SchedulingPolicy):
 
     def _models(self) -> Path:
         return self.state_dir / MODELS_DIR
-
-    def _load_current(self) -> MetaPredictor | None:
-        pointer = self._models() / CURRENT
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
-        try:
-            return MetaPredictor.load(self._models() / name)
-        except Exception as exc:
-            logger.warning("cannot load the current model %s (%s); starting from expert rules", name, exc)
-            return None
-
-    def _next_seq(self) -> int:
-        seqs = [0]
-        for p in self._models().glob("v*-*"):
-            head = p.name[1:].split("-", 1)[0]
-            if head.isdigit():
-                seqs.append(int(head))
-        return max(seqs) + 1
-
-    def _prune(self, keep: str) -> None:
-        versions = sorted((p for p in self._models().glob("v*-*") if p.is_dir()), key=lambda p: p.name)
-        for p in versions[: -self.keep_models]:
-            if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
 
     def retrain_now(self) -> str | None:
         """Train on the stored rows and swap the policy; returns the new version (blocks until done).
@@ -280,9 +221,8 @@ class OnlineLearner(SchedulingPolicy):
         ``last_error``) when there are too few rows, or training failed or was cancelled.
         """
         with self._train_lock:
+            self._rows.flush()
             with self._lock:
-                if self._fh is not None:
-                    self._fh.flush()
                 if self.rows_total < self.min_rows:
                     self.last_error = f"{self.rows_total} rows stored, {self.min_rows} needed before the first training"
                     return None
@@ -290,7 +230,7 @@ class OnlineLearner(SchedulingPolicy):
                 since_at_start = self.rows_since_train
                 total_at_start = self.rows_total
             started = time.monotonic()
-            seq = self._next_seq()
+            seq = next_seq(self._models())
             try:
                 if self.in_process:
                     version = train_and_save(self.state_dir, self.config.to_dict(), seq, self.max_rows,
@@ -302,7 +242,7 @@ class OnlineLearner(SchedulingPolicy):
                 tmp.write_text(version + "\n")
                 os.replace(tmp, self._models() / CURRENT)
                 self._install(predictor)
-                self._prune(version)
+                prune_models(self._models(), self.keep_models, keep=version)
             except TrainingCancelled:
                 self.last_error = "training cancelled"
                 return None
@@ -398,10 +338,7 @@ class OnlineLearner(SchedulingPolicy):
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+        self._rows.close()
 
     def __enter__(self) -> OnlineLearner:
         return self
@@ -453,7 +390,6 @@ class OnlineLearner(SchedulingPolicy):
             "state_dir": str(self.state_dir),
         }
         if isinstance(policy, MetaInfPolicy):
-            out["decisions"] = policy.decisions
-            out["explorations"] = policy.explorations
+            out.update(policy.serving_stats())
             out["top_features"] = dict(list(policy.predictor.feature_importances().items())[:5])
         return out

@@ -399,6 +399,13 @@ class MetaInfPolicy(SchedulingPolicy):
             exploration=explored,
         )
 
+    def serving_stats(self) -> dict[str, int]:
+        """Counters for `dinet-broker status` and the broker benchmark."""
+        hits = sum(p.scorer.hits for p in self._plans.values() if p.scorer is not None)
+        misses = sum(p.scorer.misses for p in self._plans.values() if p.scorer is not None)
+        return {"decisions": self.decisions, "explorations": self.explorations, "text_fallbacks": self.text_fallbacks,
+                "prediction_memo_hits": hits, "prediction_memo_misses": misses}
+
     def explain(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> list[dict[str, Any]]:
         """Every pair with its prediction, cost and score, best first (for logs and debugging)."""
         s = self.score(request, candidates)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,36 @@ def export_state(state_dir: str | Path, out: str | Path) -> tuple[Path, int]:
     if df.empty:
         raise DatasetError(f"{state / DATA_DIR} holds no rows yet")
     return write_dataset(df, out), len(df)
+
+
+def load_current(models_dir: Path) -> Any:
+    """The model ``models/CURRENT`` points at (a MetaPredictor), or None (none yet, or unreadable)."""
+    from scheduler.predictor import MetaPredictor
+
+    pointer = models_dir / CURRENT
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    try:
+        return MetaPredictor.load(models_dir / name)
+    except Exception as exc:
+        logger.warning("cannot load the current model %s (%s); starting from expert rules", name, exc)
+        return None
+
+
+def next_seq(models_dir: Path) -> int:
+    """The sequence number of the next ``v<seq>-<hash>`` model directory."""
+    seqs = [0]
+    for p in models_dir.glob("v*-*"):
+        head = p.name[1:].split("-", 1)[0]
+        if head.isdigit():
+            seqs.append(int(head))
+    return max(seqs) + 1
+
+
+def prune_models(models_dir: Path, keep_models: int, *, keep: str) -> None:
+    """Delete all but the newest ``keep_models`` model directories (never ``keep``)."""
+    versions = sorted((p for p in models_dir.glob("v*-*") if p.is_dir()), key=lambda p: p.name)
+    for p in versions[:-keep_models]:
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
