@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -154,9 +155,18 @@ class PairScorer:
     """
 
     def __init__(
-        self, binned: BinnedForest, n_task: int, block: np.ndarray, flags: np.ndarray, *, memo_size: int = 4096
+        self,
+        binned: BinnedForest,
+        n_task: int,
+        block: np.ndarray,
+        flags: np.ndarray,
+        *,
+        finish: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None,
+        memo_size: int = 4096,
     ) -> None:
+        """``finish`` turns (k, pairs, n_members) sums into per-request arrays (k, ...) worth memoising."""
         self.binned = b = binned
+        self._finish = finish or (lambda sums: (sums,))
         self.n_task = n_task
         pairs, nb = block.shape
         n_flags = flags.shape[1]
@@ -195,7 +205,7 @@ class PairScorer:
             self._on_index[gi, : len(ks)] = ks
         self._off_masks: dict[bytes, np.ndarray] = {}  # NaN pattern of g -> (G, T) masks of the "off" crosses
         self._ones_row = np.full((1, b.n_trees), b.ones, b.dtype)
-        self._memo: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._memo: OrderedDict[bytes, tuple[np.ndarray, ...]] = OrderedDict()
         self._memo_size = memo_size
         self.hits = 0
         self.misses = 0
@@ -235,8 +245,8 @@ class PairScorer:
                     pos += 1
         return out
 
-    def sums(self, task: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """(k, pairs, n_members) raw member predictions for k requests.
+    def predict(self, task: np.ndarray, g: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        """Per request, ``finish`` applied to its (pairs, n_members) sums; memoised per bin vector.
 
         ``task``: (k, n_task) float32 task blocks; ``g``: (k, n_ct) their values on the cross scale.
         """
@@ -244,25 +254,32 @@ class PairScorer:
         rows = self._request_rows(task, g)
         nan = np.isnan(g)
         keys = [rows[i].tobytes() + nan[i].tobytes() for i in range(k)]
-        out = np.empty((k, self.pairs, self.binned.forest.n_members), np.float64)
+        out: list[tuple[np.ndarray, ...] | None] = [None] * k
         todo = []
+        memo = self._memo
         for i, key in enumerate(keys):
-            hit = self._memo.get(key)
+            hit = memo.get(key)
             if hit is None:
                 todo.append(i)
             else:
-                self._memo.move_to_end(key)
+                memo.move_to_end(key)
                 out[i] = hit
         self.hits += k - len(todo)
         if todo:
             self.misses += len(todo)
-            for i, result in zip(todo, self._compute(rows[todo], nan[todo]), strict=True):
+            finished = self._finish(self._compute(rows[todo], nan[todo]))
+            for n, i in enumerate(todo):
+                result = tuple(a[n] for a in finished)
                 out[i] = result
                 if self._memo_size:
-                    self._memo[keys[i]] = result
-            while len(self._memo) > self._memo_size:
-                self._memo.popitem(last=False)
-        return out
+                    memo[keys[i]] = result
+            while len(memo) > self._memo_size:
+                memo.popitem(last=False)
+        return out  # type: ignore[return-value]
+
+    def sums(self, task: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """(k, pairs, n_members) raw member predictions (with the default ``finish``)."""
+        return np.stack([r[0] for r in self.predict(task, g)])
 
     def _compute(self, rows: np.ndarray, nan: np.ndarray) -> np.ndarray:
         b = self.binned

@@ -183,6 +183,7 @@ class _Plan:
     flags: np.ndarray  # (pairs, n_cross_flags): the method side of the method x task crosses
     complete: bool  # False while a hardware text embedding is still being computed
     scorer: PairScorer | None  # the pairs' fixed features folded into leaf masks (None: walk the trees)
+    groups: list[str]  # pair -> group name
 
 
 @dataclass
@@ -274,14 +275,27 @@ class MetaInfPolicy(SchedulingPolicy):
                 prices.append(c.hardware.price_per_hour / 3600.0)
         block = np.stack(rows).astype(np.float32) if rows else np.zeros((0, space.n_method + space.n_hw), np.float32)
         flags = block[:, space.flag_index] if space.n_cross else np.zeros((len(rows), 0), np.float32)
-        scorer = PairScorer(self._binned, space.n_task, block, flags) if self._binned is not None and rows else None
+        scorer = None
+        if self._binned is not None and rows:
+            scorer = PairScorer(self._binned, space.n_task, block, flags, finish=self._finish)
         plan = _Plan(methods, np.asarray(groups, np.int64), block, np.asarray(prices, np.float64), flags, complete,
-                     scorer)
+                     scorer, [candidates[i].group for i in groups])
         if complete:
             self._plans[key] = plan
             while len(self._plans) > 64:
                 self._plans.popitem(last=False)
         return plan
+
+    def _finish(self, sums: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(k, pairs, members) sums -> mean log tps, its spread, tps, predicted runtime (NaN without a
+        runtime model) and the optimistic bonus, each (k, pairs): everything request-independent given the bins."""
+        k = len(self.predictor.members)
+        perf = sums[..., :k]
+        mean_log = perf.mean(-1)
+        std_log = perf.std(-1) if k > 1 else np.zeros_like(mean_log)
+        runtime = np.exp(sums[..., k]) if self.predictor.runtime_model is not None else np.full_like(mean_log, np.nan)
+        bonus = np.minimum(self.config.ucb_kappa * std_log, self.config.ucb_cap)
+        return mean_log, std_log, np.exp(mean_log), runtime, bonus
 
     def _task_dims(self, text: str) -> np.ndarray | None:
         """Projected LM dims of a task text, or None (then NaN, which training's text dropout prepared for).
@@ -330,7 +344,8 @@ class MetaInfPolicy(SchedulingPolicy):
         space = self._space
         task = self._task_block(request)
         if plan.scorer is not None:
-            sums = plan.scorer.sums(task[None], space.cross_task_values(task)[None])[0]
+            mean_log, std_log, tps, runtime_pred, bonus = plan.scorer.predict(
+                task[None], space.cross_task_values(task)[None])[0]
         else:
             nb = plan.block.shape[1]
             x = np.empty((n, space.n_task + nb + space.n_cross), np.float32)
@@ -338,22 +353,22 @@ class MetaInfPolicy(SchedulingPolicy):
             x[:, space.n_task : space.n_task + nb] = plan.block
             if space.n_cross:
                 x[:, space.n_task + nb :] = space.crosses(plan.flags, space.cross_task_values(task))
-            sums = self.predictor.forest.member_sums(x)
-        pred = self.predictor.split(sums)
-        tps = np.exp(pred.mean_log)
+            mean_log, std_log, tps, runtime_pred, bonus = (a[0] for a in self._finish(
+                self.predictor.forest.member_sums(x)[None]))
         # runtime: the runtime model, or (without runtime_s in the data) output tokens / predicted tokens/s
-        runtime = np.exp(pred.runtime_log) if pred.runtime_log is not None else max(1, request.max_new_tokens) / tps
+        runtime = runtime_pred if self.predictor.runtime_model is not None else max(1, request.max_new_tokens) / tps
         cost = plan.price_per_s * runtime
         feasible = cost <= request.budget if request.budget > 0 else np.ones(n, bool)
         cfg = self.config
-        reps = np.array([max(c.reputation, cfg.min_reputation) for c in candidates])[plan.group_idx]
-        bonus = np.minimum(cfg.ucb_kappa * pred.std_log, cfg.ucb_cap)
-        score = pred.mean_log + cfg.reputation_weight * np.log(reps) + bonus
+        log_reps = [math.log(max(c.reputation, cfg.min_reputation)) for c in candidates]
+        score = mean_log + bonus
+        if cfg.reputation_weight and any(log_reps):
+            score = score + cfg.reputation_weight * np.asarray(log_reps)[plan.group_idx]
         return ScoredPairs(
             methods=plan.methods,
-            groups=[candidates[i].group for i in plan.group_idx],
+            groups=plan.groups,
             tokens_per_s=tps,
-            std_log=pred.std_log,
+            std_log=std_log,
             runtime_s=runtime,
             cost=cost,
             feasible=feasible,
