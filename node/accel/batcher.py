@@ -43,6 +43,9 @@ class BatcherStats:
     steps: int = 0  # session steps served
     max_batch: int = 0  # largest number of sessions in one forward
     batch_sizes: dict[int, int] = field(default_factory=dict)  # sessions per forward -> count
+    forward_s: float = 0.0  # time spent in forwards
+    gather_s: float = 0.0  # time spent waiting for companions before forwards (continuous/dynamic batching)
+    forward_s_by_size: dict[int, float] = field(default_factory=dict)  # sessions per forward -> time in them
 
 
 class StepBatcher:
@@ -148,7 +151,10 @@ class StepBatcher:
             while not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
+            began = time.monotonic()
             batch = await self._choose()
+            chose = time.monotonic()
+            self.stats.gather_s += chose - began
             chosen = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in chosen]
             batch = [p for p in batch if not p.future.cancelled()]
@@ -162,6 +168,9 @@ class StepBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            took = time.monotonic() - chose
+            self.stats.forward_s += took
+            self.stats.forward_s_by_size[len(batch)] = self.stats.forward_s_by_size.get(len(batch), 0.0) + took
             self.stats.forwards += 1
             self.stats.steps += len(batch)
             self.stats.max_batch = max(self.stats.max_batch, len(batch))

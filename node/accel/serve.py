@@ -73,7 +73,9 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         stats = server.servicer.batcher.stats
-        print(f"STATS forwards={stats.forwards} steps={stats.steps} batch_sizes={sorted(stats.batch_sizes.items())}",
+        print(f"STATS forwards={stats.forwards} steps={stats.steps} forward_s={stats.forward_s:.1f} "
+              f"gather_s={stats.gather_s:.1f} batch_sizes={sorted(stats.batch_sizes.items())} ms_per_forward="
+              f"{ {n: round(1000 * t / stats.batch_sizes[n], 1) for n, t in sorted(stats.forward_s_by_size.items())} }",
               file=sys.stderr, flush=True)
         await server.close(grace=0.5)
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from node.accel.chain import AccelChain, Hop  # noqa: E402
+from node.accel.draft import DraftModelConfig, load_draft_model  # noqa: E402
 from node.accel.executor import ModelHead  # noqa: E402
 from proto.methods import METHODS  # noqa: E402
 from scripts.bench.methods_measure import CellResult, run_requests  # noqa: E402
@@ -303,14 +304,22 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
     splits = [(0, layers // 2), (layers // 2, layers)]
     profiles = PROFILES[:1] if args.quick else PROFILES[: args.profiles]
     grid = quick_grid() if args.quick else full_grid()
+    if args.workloads:  # focused runs: only the named workloads of the chosen grid
+        grid = [w for w in grid if w.name in args.workloads.split(",")]
+    draft = None
+    if args.draft_model is not None:  # spec_draft drafts with it; validated against the served model's tokenizer
+        draft = load_draft_model(DraftModelConfig(args.draft_model, args.draft_format), model)
     rows: list[dict[str, object]] = []
     for pi, profile in enumerate(profiles):
         methods = ALL_METHODS if (pi == 0 and not args.few_methods) else FEW_METHODS
         if args.quick:
             methods = ["baseline", "continuous_batching", "prefix_caching", "spec_ngram"]
+        if args.methods:
+            methods = args.methods.split(",")
         servers = ServerProcs(model, profile, splits)
         chain = AccelChain(model_name=model.name, head=head,
-                           hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)])
+                           hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)],
+                           draft_drafter=draft)
         try:
             warm = Workload(1, 32, 0.0, 4)
             await run_cell(chain, source.prompts(warm, 2), warm, "baseline", args)  # warm-up
@@ -319,6 +328,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                 # methods that fill prefix caches get fresh text, so none reuses another method's prompts
                 shared_text = source.prompts(w, w.concurrency + 1)
                 for method in methods:
+                    if method == "spec_draft" and draft is None:
+                        continue  # without a draft model it would measure prompt lookup under another name
                     fresh = METHODS[method].prefix_caching
                     prompts = source.prompts(w, w.concurrency + 1) if fresh else shared_text
                     result = await run_cell(chain, prompts, w, method, args)
@@ -348,7 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", type=int, default=3, help="how many emulated hardware profiles (full run)")
     parser.add_argument("--few-methods", action="store_true", help="4 methods on every profile")
     parser.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
+    parser.add_argument("--workloads", default="", help="comma-separated workload names to keep (focused runs)")
+    parser.add_argument("--methods", default="", help="comma-separated methods for every profile (focused runs)")
+    parser.add_argument("--draft-model", type=Path, default=None,
+                        help="draft model directory for spec_draft (e.g. the draft preset); without it spec_draft "
+                             "cells are skipped")
+    parser.add_argument("--draft-format", default="fp32", choices=("fp32", "bf16", "int8"),
+                        help="weight format the driver loads the draft model in")
     args = parser.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # the driver only embeds and applies the LM head; leave the cores to the servers
     if not (args.model / "config.json").exists():
@@ -376,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                                      invert=True),
         "spec_speedup": ratio(rows, p0, "rep-c1-p64-s0-o64" if quick else "rep-c1-p64-s0-o128", "spec_ngram",
                               "baseline", "performance"),
+        "spec_draft_speedup": ratio(rows, p0, "rep-c1-p64-s0-o64" if quick else "rep-c1-p64-s0-o128", "spec_draft",
+                                    "baseline", "performance"),
         "cb_decode_speedup_c16": ratio(rows, p0, cb_task, "continuous_batching", "baseline", "decode_tps"),
         "rows": len(rows),
         "profiles": len({r["hardware"] for r in rows}),
