@@ -28,16 +28,28 @@ DATASET_HELP = (
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from scheduler.config import PredictorConfig
+
     g = p.add_argument_group("meta-predictor")
     g.add_argument("--no-text", action="store_true",
                    help="leave out the all-MiniLM-L6-v2 embeddings of task/method/hardware text (faster)")
-    g.add_argument("--ensemble", type=int, default=4, metavar="N", help="bootstrap ensemble members (default 4)")
-    g.add_argument("--rounds", type=int, default=60, metavar="N", help="boosting rounds per member (default 60)")
-    g.add_argument("--max-depth", type=int, default=5, metavar="D", help="tree depth (default 5)")
+    d = PredictorConfig()
+    g.add_argument("--ensemble", type=int, default=d.ensemble, metavar="N",
+                   help=f"bootstrap ensemble members (default {d.ensemble})")
+    g.add_argument("--rounds", type=int, default=d.rounds, metavar="N",
+                   help=f"boosting rounds per member (default {d.rounds})")
+    g.add_argument("--max-depth", type=int, default=d.max_depth, metavar="D",
+                   help=f"tree depth (default {d.max_depth})")
+    g.add_argument("--target", choices=("absolute", "relative"), default=d.target,
+                   help="absolute: learn log performance; relative: learn it relative to the mean of its "
+                        f"(task, hardware) cell, plus a level model for that mean (default {d.target})")
+    g.add_argument("--tune", action="store_true",
+                   help="choose depth/rounds/eta/target by an inner cross-validation on the training rows only "
+                        "(in evaluate: per outer fold, i.e. nested)")
     g.add_argument("--text-always", action="store_true",
                    help="embed text columns even when they tell apart no rows that the numeric features do not "
                         "(by default such redundant text is left out)")
-    g.add_argument("--eta", type=float, default=0.2, help="learning rate (default 0.2)")
+    g.add_argument("--eta", type=float, default=d.eta, help=f"learning rate (default {d.eta})")
     g.add_argument("--threads", type=int, default=1, help="XGBoost threads (default 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
@@ -51,7 +63,7 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return replace(
         PredictorConfig(), use_text=not args.no_text, ensemble=args.ensemble, rounds=args.rounds,
         max_depth=args.max_depth, eta=args.eta, nthread=args.threads, seed=args.seed,
-        text_if_redundant=args.text_always,
+        text_if_redundant=args.text_always, target=args.target,
     )
 
 
@@ -76,7 +88,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     df = _load(args.dataset)
     _text_note(df, args)
-    predictor = train_predictor(df, _config(args))
+    config = _config(args)
+    if args.tune:
+        from scheduler.tuning import tune
+
+        config = tune(df, config, log=lambda msg: print(msg, file=sys.stderr)).config
+    predictor = train_predictor(df, config)
     out = predictor.save(args.out)
     info = predictor.info
     if args.json:
@@ -106,7 +123,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     df = _load(args.dataset)
     _text_note(df, args)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    result = evaluate(df, args.split, _config(args), folds=args.folds, seed=args.seed, log=log)
+    config = _config(args)
+    chooser = None
+    if args.tune:
+        from scheduler.tuning import tuned_config_chooser
+
+        chooser = tuned_config_chooser(config, log=log)
+    result = evaluate(df, args.split, config, folds=args.folds, seed=args.seed, log=log, choose_config=chooser)
     print(format_table(result))
     if args.plots:
         for path in write_plots(result, args.plots):

@@ -25,9 +25,18 @@ class PredictorConfig:
     text_dropout: float = 0.15  # share of training rows whose text dims are hidden (serving may miss them)
     runtime_rounds: int = 40
     runtime_max_depth: int = 5
+    # "absolute": members learn log(performance). "relative": members learn log(performance) minus the mean
+    # over its (task, hardware) cell -- what ranking the methods of a cell needs -- and a level model learns
+    # that cell mean (for costs and comparisons across groups); the prediction is their sum
+    target: str = "absolute"
+    level_rounds: int = 60
     cross_features: bool = True  # products of binary method flags with task meta-features (see FeatureSpace)
     # a text column is embedded only if it tells apart rows that its numeric block does not (see _text_redundant)
     text_if_redundant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target not in ("absolute", "relative"):
+            raise ValueError(f"target must be 'absolute' or 'relative', not {self.target!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

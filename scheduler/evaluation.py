@@ -70,6 +70,7 @@ class EvalResult:
     predictions: pd.DataFrame  # held-out rows: task, hardware, method, fold, measured, predicted
     importances: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    configs: list[dict[str, Any]] = field(default_factory=list)  # the configuration each fold trained with
 
     def regrets(self, selector: str) -> np.ndarray:
         return np.array([c.regret[selector] for c in self.cells])
@@ -93,6 +94,10 @@ class EvalResult:
             err = np.log(p["predicted"].to_numpy()) - np.log(p["measured"].to_numpy())
             out["pred_log_rmse"] = float(np.sqrt(np.mean(err**2)))
         out["top_features"] = dict(list(self.importances.items())[:8])
+        if self.configs:
+            keys = ("target", "max_depth", "rounds", "eta")
+            chosen = [",".join(str(c.get(k)) for k in keys) for c in self.configs]
+            out["fold_configs"] = {v: chosen.count(v) for v in sorted(set(chosen))}  # target,depth,rounds,eta
         out["seconds"] = round(self.seconds, 2)
         return out
 
@@ -150,8 +155,12 @@ def evaluate(
     seed: int = 0,
     encoder: TextEncoder | None = None,
     log: Callable[[str], None] | None = None,
+    choose_config: Callable[[pd.DataFrame], PredictorConfig] | None = None,
 ) -> EvalResult:
     """Cross-validated comparison of MetaInf with oracle, best single method, expert rules and random.
+
+    ``choose_config`` (nested cross-validation, see :mod:`scheduler.tuning`) picks each fold's
+    configuration from that fold's training rows only; the chosen ones are in ``result.configs``.
 
     :raises DatasetError: bad split, fewer than two values to hold out, or no cell with two methods.
     """
@@ -170,6 +179,7 @@ def evaluate(
     cells: list[CellResult] = []
     skipped = 0
     pred_frames = []
+    configs: list[dict[str, Any]] = []
     importance_sum: dict[str, float] = {}
     for k, held in enumerate(fold_values):
         test_mask = df[split].isin(held)
@@ -179,7 +189,9 @@ def evaluate(
         if log:
             log(f"fold {k + 1}/{len(fold_values)}: hold out {split} {', '.join(held[:3])}"
                 f"{' ...' if len(held) > 3 else ''} ({len(test)} rows), train on {len(train)} rows")
-        predictor = train_predictor(train, config, encoder=encoder)
+        fold_config = choose_config(train) if choose_config is not None else config
+        configs.append(fold_config.to_dict())
+        predictor = train_predictor(train, fold_config, encoder=encoder)
         for name, v in predictor.feature_importances().items():
             importance_sum[name] = importance_sum.get(name, 0.0) + v / len(fold_values)
         pred = predictor.predict_frame(test, encoder)
@@ -227,7 +239,7 @@ def evaluate(
     predictions = pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame()
     importances = dict(sorted(importance_sum.items(), key=lambda kv: -kv[1]))
     return EvalResult(split, len(fold_values), len(df), cells, skipped, predictions, importances,
-                      time.monotonic() - started)
+                      time.monotonic() - started, configs)
 
 
 def format_table(result: EvalResult) -> str:

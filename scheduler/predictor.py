@@ -76,12 +76,16 @@ class MetaPredictor:
         *,
         version: str,
         info: dict[str, Any] | None = None,
+        level_model: Any | None = None,
     ) -> None:
+        """``level_model`` (relative targets): predicts a cell's mean log performance, which the members'
+        predictions (log performance relative to that mean) are added to."""
         if not members:
             raise ValueError("a MetaPredictor needs at least one ensemble member")
         self.space = space
         self.members = members
         self.runtime_model = runtime_model
+        self.level_model = level_model
         self.config = config
         self.version = version
         self.info = dict(info or {})
@@ -96,18 +100,26 @@ class MetaPredictor:
     @property
     def forest(self) -> CompiledForest:
         if self._forest is None:
-            boosters = [*self.members, *([self.runtime_model] if self.runtime_model is not None else [])]
-            self._forest = CompiledForest(boosters, len(self._names))
+            self._forest = CompiledForest(self.boosters, len(self._names))
         return self._forest
 
+    @property
+    def boosters(self) -> list[Any]:
+        """Every booster, in the column order of the forest's sums: members, [runtime], [level]."""
+        extra = [b for b in (self.runtime_model, self.level_model) if b is not None]
+        return [*self.members, *extra]
+
     def split(self, sums: np.ndarray) -> Prediction:
-        """Member sums (rows, members [+ runtime]) -> mean, spread and runtime of the prediction."""
+        """Sums (..., members [+ runtime] [+ level]) -> mean, spread and runtime of the prediction."""
         k = len(self.members)
-        perf = sums[:, :k]
+        perf = sums[..., :k]
+        mean = perf.mean(-1)
+        if self.level_model is not None:
+            mean = mean + sums[..., -1]
         return Prediction(
-            mean_log=perf.mean(1),
-            std_log=perf.std(1) if k > 1 else np.zeros(len(perf)),
-            runtime_log=sums[:, k] if self.runtime_model is not None else None,
+            mean_log=mean,
+            std_log=perf.std(-1) if k > 1 else np.zeros(perf.shape[:-1]),
+            runtime_log=sums[..., k] if self.runtime_model is not None else None,
         )
 
     def predict_matrix(self, x: np.ndarray) -> Prediction:
@@ -116,9 +128,7 @@ class MetaPredictor:
 
     def predict_matrix_xgb(self, x: np.ndarray) -> Prediction:
         """The same through XGBoost itself (reference; used by tests and batch evaluation)."""
-        cols = [m.inplace_predict(x) for m in self.members]
-        if self.runtime_model is not None:
-            cols.append(self.runtime_model.inplace_predict(x))
+        cols = [m.inplace_predict(x) for m in self.boosters]
         return self.split(np.stack(cols, 1).astype(np.float64))
 
     def predict_frame(self, df: pd.DataFrame, encoder: TextEncoder | None = None) -> Prediction:
@@ -165,6 +175,10 @@ class MetaPredictor:
             if self.runtime_model is not None:
                 runtime_file = "runtime.ubj"
                 self.runtime_model.save_model(str(tmp / runtime_file))
+            level_file = None
+            if self.level_model is not None:
+                level_file = "level.ubj"
+                self.level_model.save_model(str(tmp / level_file))
             np.savez(tmp / FOREST_FILE, **self.forest.to_arrays())  # type: ignore[arg-type]
             meta = {
                 "format": FORMAT,
@@ -176,6 +190,7 @@ class MetaPredictor:
                 "config": self.config.to_dict(),
                 "members": files,
                 "runtime_model": runtime_file,
+                "level_model": level_file,
                 "info": self.info,
                 "importances": self.feature_importances(),
             }
@@ -224,15 +239,22 @@ class MetaPredictor:
         if meta.get("runtime_model"):
             runtime = xgb.Booster()
             runtime.load_model(str(d / meta["runtime_model"]))
+        level = None
+        if meta.get("level_model"):
+            level = xgb.Booster()
+            try:
+                level.load_model(str(d / meta["level_model"]))
+            except Exception as exc:
+                raise ModelFileError(f"{d / meta['level_model']}: cannot load the level model ({exc})") from exc
         space = FeatureSpace.from_dict(meta["space"])
         if space.names != meta["features"]:
             raise ModelFileError(f"{d}: feature layout in {META_FILE} is inconsistent")
-        for booster in [*members, *([runtime] if runtime is not None else [])]:
-            booster.set_param({"nthread": 1})
         predictor = cls(
             space, members, runtime, PredictorConfig.from_dict(meta.get("config", {})),
-            version=str(meta["version"]), info=meta.get("info", {}),
+            version=str(meta["version"]), info=meta.get("info", {}), level_model=level,
         )
+        for booster in predictor.boosters:
+            booster.set_param({"nthread": 1})
         if meta.get("importances"):
             predictor._importances = {str(k): float(v) for k, v in meta["importances"].items()}
         forest_path = d / FOREST_FILE
@@ -240,7 +262,7 @@ class MetaPredictor:
             try:
                 with np.load(forest_path) as arrays:
                     forest = CompiledForest.from_arrays(dict(arrays))
-                expected = len(members) + (runtime is not None)
+                expected = len(predictor.boosters)
                 if forest.n_features == len(space.names) and forest.n_members == expected:
                     predictor._forest = forest
             except Exception:  # a damaged cache: compile from the members instead

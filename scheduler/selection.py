@@ -289,11 +289,9 @@ class MetaInfPolicy(SchedulingPolicy):
     def _finish(self, sums: np.ndarray) -> tuple[np.ndarray, ...]:
         """(k, pairs, members) sums -> mean log tps, its spread, tps, predicted runtime (NaN without a
         runtime model) and the optimistic bonus, each (k, pairs): everything request-independent given the bins."""
-        k = len(self.predictor.members)
-        perf = sums[..., :k]
-        mean_log = perf.mean(-1)
-        std_log = perf.std(-1) if k > 1 else np.zeros_like(mean_log)
-        runtime = np.exp(sums[..., k]) if self.predictor.runtime_model is not None else np.full_like(mean_log, np.nan)
+        pred = self.predictor.split(sums)
+        mean_log, std_log = pred.mean_log, pred.std_log
+        runtime = np.exp(pred.runtime_log) if pred.runtime_log is not None else np.full_like(mean_log, np.nan)
         bonus = np.minimum(self.config.ucb_kappa * std_log, self.config.ucb_cap)
         return mean_log, std_log, np.exp(mean_log), runtime, bonus
 

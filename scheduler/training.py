@@ -88,6 +88,14 @@ def train_predictor(
     x = space.transform(df, encoder, text_dropout=config.text_dropout if space.uses_text else 0.0, rng=rng)
     y = np.log(df["performance"].to_numpy(dtype=np.float64))
     n = len(df)
+    level_model = None
+    if config.target == "relative":
+        cells = df["task"].astype(str) + "\x1f" + df["hardware"].astype(str)
+        cell_mean = pd.Series(y).groupby(cells.to_numpy()).transform("mean").to_numpy()
+        dlevel = xgb.DMatrix(x, label=cell_mean, nthread=config.nthread)
+        level_model = xgb.train(_params(config, depth=config.max_depth, seed=config.seed + 2000), dlevel,
+                                config.level_rounds)
+        y = y - cell_mean
 
     members = []
     for i in range(max(1, config.ensemble)):
@@ -111,14 +119,15 @@ def train_predictor(
                 _params(config, depth=config.runtime_max_depth, seed=config.seed + 1000), dtrain, config.runtime_rounds
             )
 
-    for booster in [*members, *([runtime_model] if runtime_model is not None else [])]:
+    for booster in [*members, *(b for b in (runtime_model, level_model) if b is not None)]:
         booster.set_param({"nthread": 1})  # prediction of a 32-row batch is fastest single-threaded
 
     digest = dataset_digest(df)
     if version is None:  # one-off training: the version names the data and the configuration
         version = make_version(None, dataset_digest(df, json.dumps(config.to_dict(), sort_keys=True)))
-    predictor = MetaPredictor(space, members, runtime_model, config, version=version)
+    predictor = MetaPredictor(space, members, runtime_model, config, version=version, level_model=level_model)
     fitted = predictor.predict_matrix_xgb(x)
+    y = np.log(df["performance"].to_numpy(dtype=np.float64))
     predictor.info = {
         "rows": n,
         "dropped_rows": int(df.attrs.get("dropped_rows", 0)),

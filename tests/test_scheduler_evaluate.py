@@ -100,3 +100,25 @@ def test_capped_runs_are_reported_apart() -> None:
     capped_cells = df[df["capped"]].groupby(["task", "hardware"]).ngroups
     assert s["capped_cells"] == capped_cells
     assert 0.0 <= s["metainf_regret_uncapped"] <= 1.0 and s["oracle_regret_uncapped"] == 0.0
+
+
+def test_nested_tuning_chooses_per_fold_from_training_rows_only() -> None:
+    from scheduler.tuning import Candidate, tune
+
+    df = generate(tasks=16, reps=1, seed=2)
+    grid = (Candidate(2, 20, 0.3, "absolute"), Candidate(4, 40, 0.3, "relative"))
+    base = PredictorConfig(use_text=False, ensemble=1)
+    tuned = tune(df, base, grid, folds=3)
+    assert [s["target"] for s in tuned.scores] == ["absolute", "relative"]
+    best = min(tuned.scores, key=lambda s: s["inner_regret"])
+    assert (tuned.config.max_depth, tuned.config.target) == (best["max_depth"], best["target"])
+    seen: list[set[str]] = []
+
+    def choose(train: pd.DataFrame) -> PredictorConfig:
+        seen.append(set(train["task"]))
+        return tune(train, base, grid, folds=3).config
+
+    result = evaluate(df, "task", base, folds=3, seed=0, choose_config=choose)
+    held_out = [set(df["task"]) - tasks for tasks in seen]
+    assert len(seen) == 3 and all(held and not (held & tasks) for held, tasks in zip(held_out, seen, strict=True))
+    assert sum(result.summary()["fold_configs"].values()) == 3

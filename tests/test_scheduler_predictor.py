@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scheduler.embeddings import TextEncoder, TextProjection, repetition_score
-from scheduler.predictor import MetaPredictor, ModelFileError
+from scheduler.predictor import MetaPredictor, ModelFileError, PredictorConfig
 from scheduler.synthetic import generate
 from scheduler.textcache import BackgroundTextCache, ProcessTextEncoder
 from scheduler.training import train_predictor
@@ -148,3 +149,26 @@ def test_text_embedding_carries_what_numbers_do_not() -> None:
     assert cache.drain(60)
     assert pick(unseen_data) == "spec_ngram"
     assert pick(unseen_prose) == "baseline"
+
+
+def test_relative_target_ranks_within_cells_and_keeps_absolute_levels(tmp_path: Path) -> None:
+    """Members learn log performance relative to the (task, hardware) cell mean; a level model adds the mean
+    back, so predictions stay tokens/s (costs, comparisons across groups) and survive save/load and the fast path."""
+    df = generate(tasks=24, reps=1, seed=5)
+    predictor = train_predictor(df, replace(FAST, target="relative"))
+    assert predictor.level_model is not None and predictor.info["in_sample_log_rmse"] < 0.3
+    x = predictor.space.transform(df)
+    fast, ref = predictor.predict_matrix(x), predictor.predict_matrix_xgb(x)
+    np.testing.assert_allclose(fast.mean_log, ref.mean_log, atol=1e-4)
+    loaded = MetaPredictor.load(predictor.save(tmp_path / "relative"))
+    assert loaded.level_model is not None and loaded.config.target == "relative"
+    np.testing.assert_allclose(loaded.predict_matrix(x).mean_log, fast.mean_log, atol=1e-6)
+    # the relative part alone orders the methods of a cell; the level puts the cell at its measured mean
+    cells = df.assign(pred=fast.mean_log, y=np.log(df["performance"])).groupby(["task", "hardware"])
+    level_error = (cells["pred"].mean() - cells["y"].mean()).abs()
+    assert level_error.median() < 0.2
+
+
+def test_target_must_be_known() -> None:
+    with pytest.raises(ValueError, match="target"):
+        PredictorConfig(target="ranked")
