@@ -80,8 +80,15 @@ class Workload:
 PROFILES = [
     # one thread per server: the two hops of the chain get a core each on a 2-core machine
     Profile("cpu1-fp32-lan", threads=1, weight_format="fp32", delay_ms=0.0, price_per_hour=1.0),
+    Profile("cpu1-int8-lan", threads=1, weight_format="int8", delay_ms=1.0, price_per_hour=0.5),
+    # two threads per server: oversubscribed cores, and a WAN-like delay per hop
+    Profile("cpu2-fp32-wan", threads=2, weight_format="fp32", delay_ms=10.0, price_per_hour=0.7),
+]
+# selectable with --profile-names, not in the default run: without bf16 instructions (AVX2 only), bf16
+# prefill is ~6x slower than fp32 here (9.7 s TTFT for one 512-token prompt), so its c16 x 512-token
+# cells alone would take ~40 minutes
+EXTRA_PROFILES = [
     Profile("cpu1-bf16-lan", threads=1, weight_format="bf16", delay_ms=1.0, price_per_hour=0.5),
-    # two threads per server: oversubscribed cores, int8 weights, and a WAN-like delay per hop
     Profile("cpu2-int8-wan", threads=2, weight_format="int8", delay_ms=10.0, price_per_hour=0.7),
 ]
 ALL_METHODS = ["baseline", "dynamic_batching", "continuous_batching", "prefix_caching", "chunked_prefill",
@@ -303,6 +310,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
     layers = int(head.config.num_hidden_layers)
     splits = [(0, layers // 2), (layers // 2, layers)]
     profiles = PROFILES[:1] if args.quick else PROFILES[: args.profiles]
+    if args.profile_names:
+        known = {p.name: p for p in [*PROFILES, *EXTRA_PROFILES]}
+        profiles = [known[name] for name in args.profile_names.split(",")]
     grid = quick_grid() if args.quick else full_grid()
     if args.workloads:  # focused runs: only the named workloads of the chosen grid
         grid = [w for w in grid if w.name in args.workloads.split(",")]
@@ -310,8 +320,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
     if args.draft_model is not None:  # spec_draft drafts with it; validated against the served model's tokenizer
         draft = load_draft_model(DraftModelConfig(args.draft_model, args.draft_format), model)
     rows: list[dict[str, object]] = []
-    for pi, profile in enumerate(profiles):
-        methods = ALL_METHODS if (pi == 0 and not args.few_methods) else FEW_METHODS
+    for profile in profiles:
+        methods = ALL_METHODS if (profile.name == PROFILES[0].name and not args.few_methods) else FEW_METHODS
         if args.quick:
             methods = ["baseline", "continuous_batching", "prefix_caching", "spec_ngram"]
         if args.methods:
@@ -361,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
     parser.add_argument("--workloads", default="", help="comma-separated workload names to keep (focused runs)")
     parser.add_argument("--methods", default="", help="comma-separated methods for every profile (focused runs)")
+    parser.add_argument("--profile-names", default="", help="comma-separated profiles to run instead of the first N")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="CSV of cells measured by an earlier run (other profiles) to include in the dataset")
     parser.add_argument("--draft-model", type=Path, default=None,
                         help="draft model directory for spec_draft (e.g. the draft preset); without it spec_draft "
                              "cells are skipped")
@@ -370,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    names = {p.name for p in [*PROFILES, *EXTRA_PROFILES]}
+    if args.profile_names and not set(args.profile_names.split(",")) <= names:
+        parser.error(f"--profile-names must be among {sorted(names)}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # the driver only embeds and applies the LM head; leave the cores to the servers
     if not (args.model / "config.json").exists():
@@ -380,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# methods benchmark, loadavg {os.getloadavg()[0]:.2f}", flush=True)
     rows = asyncio.run(bench(args))
     import pandas as pd
+
+    if args.merge is not None:  # cells of other profiles from an earlier run of the same grid
+        earlier = pd.read_csv(args.merge).to_dict("records")
+        rows = [*[{str(k): v for k, v in r.items()} for r in earlier], *rows]
 
     args.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
