@@ -153,7 +153,7 @@ class AccelChain:
                     c.cancel()
                 raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=True) from None
             hit = min(hit, int(str(answer.get(MD_PREFIX_HIT, "0")) or 0))
-        return ChainSession(self.model_name, hops, calls, max_length, self.step_timeout_s), hit
+        return ChainSession(self.model_name, hops, calls, max_length, self.step_timeout_s, self._logits), hit
 
     async def _step(self, run: _Run, tokens: list[int], position: int) -> torch.Tensor:
         """One chain pass of ``tokens`` at ``position``, moving to a new route when a hop fails."""

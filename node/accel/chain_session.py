@@ -58,24 +58,29 @@ class HopError(RuntimeError):
 class ChainSession:
     """Inference streams to every hop, walked in order for every step."""
 
-    def __init__(self, model: str, hops: Sequence[Hop], calls: list[Any], max_length: int, timeout_s: float) -> None:
+    def __init__(self, model: str, hops: Sequence[Hop], calls: list[Any], max_length: int, timeout_s: float,
+                 logits: LogitsBatcher | None = None) -> None:
         self.model = model
         self.hops = list(hops)
         self.calls = calls
         self.max_length = max_length
         self.timeout_s = timeout_s
         self.session_id = uuid.uuid4().hex
+        self.logits = logits  # told while this session waits for the last hop, so it knows whom to wait for
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """[n, hidden] after ``position`` cached tokens -> [n, hidden] out of the last block.
 
         :raises HopError: naming the hop that failed.
         """
-        for hop, call in zip(self.hops, self.calls, strict=True):
+        last = len(self.hops) - 1
+        for i, (hop, call) in enumerate(zip(self.hops, self.calls, strict=True)):
             message = blocks_pb2.InferenceStep(
                 session_id=self.session_id, model=self.model, start_block=hop.start, end_block=hop.end,
                 hidden=encode_tensor(hidden.unsqueeze(0)), position=position, max_length=self.max_length,
             )
+            if i == last and self.logits is not None:
+                self.logits.awaiting_last_hop += 1
             try:
                 async with asyncio.timeout(self.timeout_s):
                     await call.write(message)
@@ -86,6 +91,10 @@ class ChainSession:
                 raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=exc.code() in RETRYABLE) from None
             except (grpc.aio.UsageError, asyncio.InvalidStateError, OSError) as exc:
                 raise HopError(hop, f"stream unusable: {exc}", retryable=True) from None
+            finally:
+                if i == last and self.logits is not None:
+                    self.logits.awaiting_last_hop -= 1
+                    self.logits.poke()  # the sessions already waiting may not need to wait for this one
             if reply is grpc.aio.EOF:
                 raise HopError(hop, "closed the session", retryable=True)
             try:
@@ -111,13 +120,16 @@ class LogitsBatcher:
 
     With many sessions decoding together, their last-hop replies arrive within a few milliseconds
     of each other; one [sessions, hidden] x [hidden, vocab] product costs little more than one row,
-    so the driver's per-token work stops growing with concurrency.
+    so the driver's per-token work stops growing with concurrency. The batch goes as soon as no
+    other session is waiting for the last hop (sessions elsewhere in the chain, e.g. the other
+    group of a two-hop pipeline, will not arrive soon), else after ``window_s``.
     """
 
     def __init__(self, head: Head, window_s: float) -> None:
         self.head = head
         self.window_s = window_s
         self.open_sessions = 0
+        self.awaiting_last_hop = 0  # sessions whose step is at the chain's last hop right now
         self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
         self._timer: asyncio.TimerHandle | None = None
 
@@ -128,11 +140,20 @@ class LogitsBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[torch.Tensor] = loop.create_future()
         self._pending.append((hidden, future))
-        if len(self._pending) >= self.open_sessions:
+        if len(self._pending) >= self.open_sessions or self.awaiting_last_hop == 0:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.window_s, self._flush)
         return await future
+
+    def poke(self) -> None:
+        """A session left the last hop (with a reply or an error): flush if nobody else is coming."""
+        if self._pending and self.awaiting_last_hop == 0:
+            asyncio.get_running_loop().call_soon(self._flush_if_idle)
+
+    def _flush_if_idle(self) -> None:
+        if self.awaiting_last_hop == 0:
+            self._flush()
 
     def _flush(self) -> None:
         if self._timer is not None:
