@@ -203,9 +203,27 @@ class PairScorer:
         self._on_index = np.full((len(patterns), max(width, 1)), n_flags, np.intp)
         for gi, ks in enumerate(on_flags):
             self._on_index[gi, : len(ks)] = ks
+        # g_j is compared with the thresholds of every cross (k, j): one bisect into their union finds them all
+        self._task_thr = [b._thr_lists[j] for j in range(n_task)]
+        self._task_nan = [len(t) + 1 for t in self._task_thr]  # bin index of NaN (its table row is last)
+        self._task_offsets = b.offsets[:n_task].astype(np.intp)
+        self._union: list[list[float]] = []
+        self._union_rows: list[np.ndarray] = []  # j -> (len(union) + 2, F) table rows; the last is NaN
+        for j in range(n_ct):
+            cols = [self.cross_cols[k][j] for k in range(n_flags)]
+            union = np.unique(np.concatenate([b.thresholds[c] for c in cols]))
+            rows = np.empty((len(union) + 2, n_flags), np.intp)
+            for k, c in enumerate(cols):
+                # a value in union bin i >= 1 lies in [union[i-1], union[i]): it passes the thresholds <= union[i-1]
+                counts = np.searchsorted(b.thresholds[c], union, side="right")
+                rows[0, k] = b.offsets[c]
+                rows[1 : len(union) + 1, k] = b.offsets[c] + counts
+                rows[-1, k] = b.offsets[c + 1] - 1
+            self._union.append([float(v) for v in union])
+            self._union_rows.append(rows)
         self._off_masks: dict[bytes, np.ndarray] = {}  # NaN pattern of g -> (G, T) masks of the "off" crosses
         self._ones_row = np.full((1, b.n_trees), b.ones, b.dtype)
-        self._memo: OrderedDict[bytes, tuple[np.ndarray, ...]] = OrderedDict()
+        self._memo: OrderedDict[tuple[int, ...], tuple[np.ndarray, ...]] = OrderedDict()
         self._memo_size = memo_size
         self.hits = 0
         self.misses = 0
@@ -225,35 +243,49 @@ class PairScorer:
             self._off_masks[key] = got
         return got
 
-    def _request_rows(self, task: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """(k, n_task + F * n_ct) table rows: the task features, then every cross with its flag on."""
-        b = self.binned
-        k = task.shape[0]
-        out = np.empty((k, self.n_task + self.n_flags * self.n_ct), np.intp)
-        if k == 1:  # scalar bisects beat numpy calls on one value
-            row = b.row
-            out[0, : self.n_task] = [row(j, float(v)) for j, v in enumerate(task[0].tolist())]
-            gl = g[0].tolist()
-            out[0, self.n_task :] = [row(c, float(gl[j])) for cols in self.cross_cols for j, c in enumerate(cols)]
-        else:
-            for j in range(self.n_task):
-                out[:, j] = b.rows(j, task[:, j])
-            pos = self.n_task
-            for cols in self.cross_cols:
-                for j, c in enumerate(cols):
-                    out[:, pos] = b.rows(c, g[:, j])
-                    pos += 1
-        return out
+    def _bins(self, task: np.ndarray, g: np.ndarray) -> list[tuple[int, ...]]:
+        """Per request: the bin of every task feature, then the union bin of every g_j (NaN: the last bin).
+
+        The trees' output is a function of these bins alone, so they are the memo key.
+        """
+        if task.shape[0] == 1:  # scalar bisects beat numpy calls on one value
+            out = [nan if v != v else bisect.bisect_right(th, v)
+                   for v, th, nan in zip(task[0].tolist(), self._task_thr, self._task_nan, strict=True)]
+            out += [len(u) + 1 if v != v else bisect.bisect_right(u, v)
+                    for v, u in zip(g[0].tolist(), self._union, strict=True)]
+            return [tuple(out)]
+        cols = []
+        for j, th in enumerate(self.binned.thresholds[: self.n_task]):
+            col = np.searchsorted(th, task[:, j], side="right")
+            col[np.isnan(task[:, j])] = self._task_nan[j]
+            cols.append(col)
+        for j, u in enumerate(self._union):
+            col = np.searchsorted(np.asarray(u, np.float32), g[:, j], side="right")
+            col[np.isnan(g[:, j])] = len(u) + 1
+            cols.append(col)
+        return [tuple(r) for r in np.stack(cols, 1).tolist()]
+
+    def _rows(self, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, n_task + F * n_ct) table rows (task features, then crosses with their flag on, k-major) and the
+        (k, n_ct) NaN pattern of g, from (k, n_task + n_ct) bins."""
+        k = bins.shape[0]
+        nt = self.n_task
+        rows = np.empty((k, nt + self.n_flags * self.n_ct), np.intp)
+        rows[:, :nt] = self._task_offsets + bins[:, :nt]
+        nan = np.zeros((k, self.n_ct), bool)
+        for j, table in enumerate(self._union_rows):
+            ub = bins[:, nt + j]
+            rows[:, nt + j : nt + self.n_flags * self.n_ct : self.n_ct] = table[ub]
+            nan[:, j] = ub == len(table) - 1
+        return rows, nan
 
     def predict(self, task: np.ndarray, g: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         """Per request, ``finish`` applied to its (pairs, n_members) sums; memoised per bin vector.
 
         ``task``: (k, n_task) float32 task blocks; ``g``: (k, n_ct) their values on the cross scale.
         """
-        k = task.shape[0]
-        rows = self._request_rows(task, g)
-        nan = np.isnan(g)
-        keys = [rows[i].tobytes() + nan[i].tobytes() for i in range(k)]
+        keys = self._bins(task, g)
+        k = len(keys)
         out: list[tuple[np.ndarray, ...] | None] = [None] * k
         todo = []
         memo = self._memo
@@ -267,7 +299,8 @@ class PairScorer:
         self.hits += k - len(todo)
         if todo:
             self.misses += len(todo)
-            finished = self._finish(self._compute(rows[todo], nan[todo]))
+            rows, nan = self._rows(np.array([keys[i] for i in todo], np.intp))
+            finished = self._finish(self._compute(rows, nan))
             for n, i in enumerate(todo):
                 result = tuple(a[n] for a in finished)
                 out[i] = result

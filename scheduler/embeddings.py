@@ -226,11 +226,9 @@ class TextEncoder:
             out.append(pooled.float().numpy())
         return np.concatenate(out, 0) if out else np.zeros((0, EMBED_DIM), np.float32)
 
-    def cached(self, text: str) -> np.ndarray | None:
-        """The embedding of ``text`` if already computed (never encodes)."""
-        key = text_key(text)
-        vec = self._cache.get(key)
-        return vec
+    def cached(self, text: str, key: str | None = None) -> np.ndarray | None:
+        """The embedding of ``text`` (whose :func:`text_key` is ``key``) if already computed (never encodes)."""
+        return self._cache.get(key or text_key(text))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), 384) float32, L2-normalised; encodes only texts not cached yet."""

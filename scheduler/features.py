@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,21 @@ def _text_redundant(texts: list[str], numeric: np.ndarray | None) -> bool:
     return True
 
 
+@lru_cache(maxsize=64)
+def _positions(cols: tuple[str, ...], wanted: tuple[str, ...]) -> np.ndarray:
+    """Read-only index array (cached: the selection path asks for it on every request)."""
+    out = np.array([cols.index(c) for c in wanted], np.int64)
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=64)
+def _log_positions(flags: tuple[bool, ...]) -> np.ndarray:
+    out = np.flatnonzero(np.asarray(flags, bool))
+    out.flags.writeable = False
+    return out
+
+
 @dataclass
 class FeatureSpace:
     """Column layout of the feature vector and everything needed to fill it at serving time."""
@@ -115,18 +131,18 @@ class FeatureSpace:
     @property
     def flag_index(self) -> np.ndarray:
         """Positions of :attr:`cross_flags` inside the method block."""
-        return np.array([self.method_cols.index(c) for c in self.cross_flags], np.int64)
+        return _positions(tuple(self.method_cols), tuple(self.cross_flags))
 
     @property
     def cross_task_index(self) -> np.ndarray:
         """Positions of :attr:`cross_task` inside the task block."""
-        return np.array([self.task_cols.index(c) for c in self.cross_task], np.int64)
+        return _positions(tuple(self.task_cols), tuple(self.cross_task))
 
     def cross_task_values(self, task_block: np.ndarray) -> np.ndarray:
         """The task side of the crosses, (..., len(cross_task)); counts on a log2(1 + x) scale."""
-        t = task_block[..., self.cross_task_index].astype(np.float32)
-        logs = np.asarray(self.cross_log, bool)
-        if logs.any():
+        t = task_block[..., self.cross_task_index].astype(np.float32, copy=False)
+        logs = _log_positions(tuple(self.cross_log))
+        if len(logs):
             t[..., logs] = np.log2(1.0 + np.maximum(t[..., logs], 0.0))
         return t
 

@@ -221,6 +221,7 @@ class MetaInfPolicy(SchedulingPolicy):
             text_cache = get_background_cache()
         self._text = text_cache
         self._plans: OrderedDict[Any, _Plan] = OrderedDict()
+        self._last_plan: tuple[Any, _Plan] | None = None  # the last complete plan and its key
         self._fallback = ExpertRulesPolicy()
         self.decisions = 0
         self.explorations = 0
@@ -251,10 +252,18 @@ class MetaInfPolicy(SchedulingPolicy):
         return self._text.lookup(text)
 
     def _plan(self, candidates: Sequence[GroupCandidate]) -> _Plan:
+        last = self._last_plan
+        # the directory hands out the same hardware records until it refreshes: compare by identity first
+        if last is not None and len(last[0]) == len(candidates) and all(
+            g == c.group and h is c.hardware and m is c.methods
+            for (g, h, m), c in zip(last[0], candidates, strict=True)
+        ):
+            return last[1]
         key = tuple((c.group, c.hardware, c.methods) for c in candidates)
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
+            self._last_plan = (key, plan)
             return plan
         space = self._space
         rows, methods, groups, prices = [], [], [], []
@@ -282,6 +291,7 @@ class MetaInfPolicy(SchedulingPolicy):
                      scorer, [candidates[i].group for i in groups])
         if complete:
             self._plans[key] = plan
+            self._last_plan = (key, plan)
             while len(self._plans) > 64:
                 self._plans.popitem(last=False)
         return plan

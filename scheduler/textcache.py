@@ -63,8 +63,8 @@ class ProcessTextEncoder:
         self._proc: Any = None
         self.encoded = 0
 
-    def cached(self, text: str) -> np.ndarray | None:
-        return self._cache.get(text_key(text))
+    def cached(self, text: str, key: str | None = None) -> np.ndarray | None:
+        return self._cache.get(key or text_key(text))
 
     def _ensure(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -154,10 +154,10 @@ class BackgroundTextCache:
     def lookup(self, text: str) -> np.ndarray | None:
         if not text:
             return None
-        vec = self.encoder.cached(text)
+        key = text_key(text)
+        vec = self.encoder.cached(text, key)
         if vec is not None or self.failed:
             return vec
-        key = text_key(text)
         with self._lock:
             if key in self._pending:
                 return None
