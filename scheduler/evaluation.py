@@ -39,8 +39,8 @@ import pandas as pd
 
 from scheduler.dataset import DatasetError, validate_frame
 from scheduler.embeddings import TextEncoder, repetition_score
+from scheduler.expert import expert_method
 from scheduler.predictor import PredictorConfig
-from scheduler.selection import expert_method
 from scheduler.training import train_predictor
 
 SELECTORS = ("metainf", "best_single", "expert", "random", "oracle")

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from proto.errors import UnknownModelError
+from proto.errors import DinetError, UnknownModelError
 from proto.methods import DEFAULT_METHOD
 from proto.records import HardwareInfo
 
@@ -69,6 +69,21 @@ class SchedulingPolicy(ABC):
     @abstractmethod
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
         """:raises proto.errors.DinetError: a typed error when nothing can serve the request."""
+
+    def select_many(
+        self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
+    ) -> list[Selection | DinetError]:
+        """Select for a window of requests; each slot holds its Selection or its typed error.
+
+        Policies that can score many requests in one batched prediction override this.
+        """
+        out: list[Selection | DinetError] = []
+        for request, candidates in items:
+            try:
+                out.append(self.select(request, candidates))
+            except DinetError as error:
+                out.append(error)
+        return out
 
 
 class FixedRulePolicy(SchedulingPolicy):

@@ -52,6 +52,7 @@ from typing import Any
 import pandas as pd
 
 from proto import messages_pb2
+from proto.errors import DinetError
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor, PredictorConfig
 from scheduler.rowlog import RowLog
@@ -168,6 +169,11 @@ class OnlineLearner(SchedulingPolicy):
 
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
         return self._policy.select(request, candidates)
+
+    def select_many(
+        self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
+    ) -> list[Selection | DinetError]:
+        return self._policy.select_many(items)
 
     def _install(self, predictor: MetaPredictor) -> None:
         policy = MetaInfPolicy(predictor, self.selection_config, seed=self._seed)  # compiles the trees here

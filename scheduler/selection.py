@@ -17,8 +17,9 @@ one batched prediction of the meta-predictor, then
    best. The paper's selection is pure exploitation and never learns what it
    does not try; this keeps exploration bounded in rate and in predicted loss.
 
-:class:`ExpertRulesPolicy` is the cold-start policy (no model yet); its rules are
-documented in :func:`expert_method` and docs/scheduler.md.
+:meth:`MetaInfPolicy.select_many` does this for a whole window of requests at once:
+requests with the same candidate set share one batched prediction. The cold-start
+:class:`ExpertRulesPolicy` lives in scheduler/expert.py (re-exported here).
 """
 
 from __future__ import annotations
@@ -28,133 +29,20 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from proto.errors import BudgetInvalidError, BudgetTooLowError, UnknownModelError
-from proto.methods import DEFAULT_METHOD
+from proto.errors import BudgetTooLowError, DinetError
 from scheduler.binned import BinnedForest, PairScorer
-from scheduler.embeddings import TASK_FEATURES, repetition_score
+from scheduler.embeddings import TASK_FEATURES
+from scheduler.expert import ExpertRules, ExpertRulesPolicy, check_budget, expert_method, no_candidates, repetition
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor
 from scheduler.textcache import BackgroundTextCache, get_background_cache
 
-_repetition = lru_cache(maxsize=4096)(repetition_score)
-
-
-def _no_candidates(request: RequestFeatures) -> UnknownModelError:
-    return UnknownModelError(
-        f"no live consumer group serves model {request.model!r}; start a node with "
-        f"`dinet-node run --model {request.model}` or check `dinet-broker status`"
-    )
-
-
-def _check_budget(budget: float) -> None:
-    if not math.isfinite(budget) or budget < 0:
-        raise BudgetInvalidError(f"budget must be a finite number >= 0 (0 = unlimited), got {budget!r}")
-
-
-# ---------------------------------------------------------------- expert rules
-
-
-@dataclass(frozen=True)
-class ExpertRules:
-    """Thresholds of the documented expert rules (docs/scheduler.md, "Expert rules")."""
-
-    prefix_ratio: float = 0.5  # rule 1: shared prefix ratio at least this ...
-    prefix_min_prompt: int = 256  # ... on a prompt at least this long -> prefix_caching
-    concurrency: int = 4  # rule 2: this many requests in flight -> continuous_batching
-    long_prompt: int = 1024  # rule 3: prompts at least this long -> chunked_prefill
-    long_output: int = 128  # rule 4: outputs at least this long ...
-    repetition: float = 0.3  # ... on text at least this repetitive -> spec_ngram
-
-
-def expert_method(
-    prompt_tokens: float,
-    max_new_tokens: float,
-    shared_prefix_ratio: float,
-    concurrency: float,
-    repetition: float,
-    available: Sequence[str],
-    rules: ExpertRules = ExpertRules(),
-) -> str:
-    """The expert rules: the first rule that fires and whose method is available, else baseline.
-
-    1. prefix caching when ``shared_prefix_ratio >= 0.5`` and ``prompt_tokens >= 256``;
-    2. continuous batching when ``concurrency >= 4``;
-    3. chunked prefill when ``prompt_tokens >= 1024``;
-    4. prompt-lookup speculative decoding (spec_ngram) when ``max_new_tokens >= 128``
-       and ``repetition >= 0.3`` (repeated word trigrams in the task text);
-    5. otherwise baseline (or, when baseline is not available, the first available method).
-
-    Missing (NaN) values never fire a rule.
-    """
-
-    def ge(x: float, t: float) -> bool:
-        return x is not None and not math.isnan(x) and x >= t
-
-    wanted: list[str] = []
-    if ge(shared_prefix_ratio, rules.prefix_ratio) and ge(prompt_tokens, rules.prefix_min_prompt):
-        wanted.append("prefix_caching")
-    if ge(concurrency, rules.concurrency):
-        wanted.append("continuous_batching")
-    if ge(prompt_tokens, rules.long_prompt):
-        wanted.append("chunked_prefill")
-    if ge(max_new_tokens, rules.long_output) and ge(repetition, rules.repetition):
-        wanted.append("spec_ngram")
-    wanted.append(DEFAULT_METHOD)
-    for method in wanted:
-        if method in available:
-            return method
-    return sorted(available)[0] if available else DEFAULT_METHOD
-
-
-class ExpertRulesPolicy(SchedulingPolicy):
-    """Cold start: a method from :func:`expert_method`, then the best group that can run it.
-
-    Group choice: among groups under the budget, those able to run the rule's
-    method first, then the highest ``reputation x measured GFLOP/s``, then the
-    most nodes. Without a model there is no runtime prediction, so the cost of a
-    pair is estimated as ``price x max_new_tokens / ASSUMED_TOKENS_PER_S``.
-    """
-
-    name = "expert-rules"
-    ASSUMED_TOKENS_PER_S = 20.0
-
-    def __init__(self, rules: ExpertRules | None = None) -> None:
-        self.rules = rules or ExpertRules()
-
-    def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
-        if not candidates:
-            raise _no_candidates(request)
-        _check_budget(request.budget)
-        rep = _repetition(request.task_text) if request.task_text else math.nan
-        args = (request.prompt_tokens, request.max_new_tokens, request.shared_prefix_ratio, request.concurrency, rep)
-        all_methods = sorted({m for c in candidates for m in c.methods})
-        preferred = expert_method(*args, all_methods, self.rules)
-        runtime = max(1, request.max_new_tokens) / self.ASSUMED_TOKENS_PER_S
-        best: tuple[Any, ...] | None = None
-        cheapest = math.inf
-        for c in candidates:
-            cost = c.hardware.price_per_hour / 3600.0 * runtime
-            cheapest = min(cheapest, cost)
-            if request.budget > 0 and cost > request.budget:
-                continue
-            method = preferred if preferred in c.methods else expert_method(*args, c.methods, self.rules)
-            key = (method == preferred, c.reputation * max(c.hardware.gflops, 1.0), len(c.nodes), c.group)
-            if best is None or key > best[0]:
-                best = (key, c, method, cost)
-        if best is None:
-            raise BudgetTooLowError(
-                f"budget {request.budget:g} is below the estimated cost of every group (cheapest "
-                f"{cheapest:.3g}); raise the budget or send 0 for no limit"
-            )
-        _, group, method, cost = best
-        return Selection(method=method, group=group.group, scheduler=self.name, predicted_cost=cost)
-
+__all__ = ["ExpertRules", "ExpertRulesPolicy", "MetaInfPolicy", "ScoredPairs", "SelectionConfig", "expert_method"]
 
 # ---------------------------------------------------------------- MetaInf
 
@@ -331,7 +219,7 @@ class MetaInfPolicy(SchedulingPolicy):
         text = request.task_text
         values = (
             request.prompt_tokens, request.max_new_tokens, request.shared_prefix_ratio, request.concurrency,
-            _repetition(text) if text else math.nan,
+            repetition(text) if text else math.nan,
         )
         vec = np.full(space.n_task, np.nan, np.float32)
         for i, j in self._task_slots:
@@ -342,27 +230,30 @@ class MetaInfPolicy(SchedulingPolicy):
                 vec[len(space.task_cols) :] = dims
         return vec
 
-    def score(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> ScoredPairs:
-        """Steps 1-3 of Algorithm 2 for every pair (no exploration, no error when nothing fits)."""
-        plan = self._plan(candidates)
-        n = len(plan.methods)
-        if n == 0:
-            empty = np.zeros(0)
-            return ScoredPairs([], [], empty, empty, empty, empty, np.zeros(0, bool), empty)
+    def _predict(self, plan: _Plan, requests: Sequence[RequestFeatures]) -> list[tuple[np.ndarray, ...]]:
+        """Per request: mean log tps, spread, tps, runtime, bonus over the plan's pairs (one batched prediction)."""
         space = self._space
-        task = self._task_block(request)
+        tasks = np.stack([self._task_block(r) for r in requests])
+        g = space.cross_task_values(tasks)
         if plan.scorer is not None:
-            mean_log, std_log, tps, runtime_pred, bonus = plan.scorer.predict(
-                task[None], space.cross_task_values(task)[None])[0]
-        else:
-            nb = plan.block.shape[1]
-            x = np.empty((n, space.n_task + nb + space.n_cross), np.float32)
-            x[:, : space.n_task] = task
-            x[:, space.n_task : space.n_task + nb] = plan.block
+            return plan.scorer.predict(tasks, g)
+        n, nb, k = len(plan.methods), plan.block.shape[1], len(requests)
+        x = np.empty((k, n, space.n_task + nb + space.n_cross), np.float32)
+        x[:, :, : space.n_task] = tasks[:, None]
+        x[:, :, space.n_task : space.n_task + nb] = plan.block
+        for i in range(k):
             if space.n_cross:
-                x[:, space.n_task + nb :] = space.crosses(plan.flags, space.cross_task_values(task))
-            mean_log, std_log, tps, runtime_pred, bonus = (a[0] for a in self._finish(
-                self.predictor.forest.member_sums(x)[None]))
+                x[i, :, space.n_task + nb :] = space.crosses(plan.flags, g[i])
+        sums = self.predictor.forest.member_sums(x.reshape(k * n, -1)).reshape(k, n, -1)
+        finished = self._finish(sums)
+        return [tuple(a[i] for a in finished) for i in range(k)]
+
+    def _scored(
+        self, plan: _Plan, request: RequestFeatures, candidates: Sequence[GroupCandidate], pred: tuple[np.ndarray, ...]
+    ) -> ScoredPairs:
+        """Steps 2-3 of Algorithm 2 from the plan's prediction for this request."""
+        mean_log, std_log, tps, runtime_pred, bonus = pred
+        n = len(plan.methods)
         # runtime: the runtime model, or (without runtime_s in the data) output tokens / predicted tokens/s
         runtime = runtime_pred if self.predictor.runtime_model is not None else max(1, request.max_new_tokens) / tps
         cost = plan.price_per_s * runtime
@@ -372,24 +263,55 @@ class MetaInfPolicy(SchedulingPolicy):
         score = mean_log + bonus
         if cfg.reputation_weight and any(log_reps):
             score = score + cfg.reputation_weight * np.asarray(log_reps)[plan.group_idx]
-        return ScoredPairs(
-            methods=plan.methods,
-            groups=plan.groups,
-            tokens_per_s=tps,
-            std_log=std_log,
-            runtime_s=runtime,
-            cost=cost,
-            feasible=feasible,
-            score=score,
-        )
+        return ScoredPairs(plan.methods, plan.groups, tps, std_log, runtime, cost, feasible, score)
+
+    def score(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> ScoredPairs:
+        """Steps 1-3 of Algorithm 2 for every pair (no exploration, no error when nothing fits)."""
+        plan = self._plan(candidates)
+        if not plan.methods:
+            empty = np.zeros(0)
+            return ScoredPairs([], [], empty, empty, empty, empty, np.zeros(0, bool), empty)
+        return self._scored(plan, request, candidates, self._predict(plan, [request])[0])
 
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
-        if not candidates:
-            raise _no_candidates(request)
-        _check_budget(request.budget)
-        s = self.score(request, candidates)
-        if not len(s.methods):  # no method the model can describe: fall back to the rules
-            return self._fallback.select(request, candidates)
+        result = self.select_many([(request, candidates)])[0]
+        if isinstance(result, DinetError):
+            raise result
+        return result
+
+    def select_many(
+        self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
+    ) -> list[Selection | DinetError]:
+        """Algorithm 2 for a window of requests; one batched prediction per distinct candidate set.
+
+        A request that cannot be served gets its typed error in its slot; the others are unaffected.
+        """
+        out: list[Selection | DinetError | None] = [None] * len(items)
+        batches: dict[int, tuple[_Plan, list[int]]] = {}
+        for i, (request, candidates) in enumerate(items):
+            try:
+                if not candidates:
+                    raise no_candidates(request)
+                check_budget(request.budget)
+                plan = self._plan(candidates)
+                if not plan.methods:  # no method the model can describe: the rules decide
+                    out[i] = self._fallback.select(request, candidates)
+                    continue
+            except DinetError as error:
+                out[i] = error
+                continue
+            batches.setdefault(id(plan), (plan, []))[1].append(i)
+        for plan, idx in batches.values():
+            for i, pred in zip(idx, self._predict(plan, [items[i][0] for i in idx]), strict=True):
+                request, candidates = items[i]
+                try:
+                    out[i] = self._pick(request, self._scored(plan, request, candidates, pred))
+                except DinetError as error:
+                    out[i] = error
+        return out  # type: ignore[return-value]
+
+    def _pick(self, request: RequestFeatures, s: ScoredPairs) -> Selection:
+        """Steps 4-5: the best feasible pair, or (bounded exploration) a plausible other one."""
         if not s.feasible.any():
             i = int(np.argmin(s.cost))
             raise BudgetTooLowError(
@@ -397,8 +319,7 @@ class MetaInfPolicy(SchedulingPolicy):
                 f"cheapest is {s.methods[i]} on {s.groups[i]} at {s.cost[i]:.3g}. Raise the budget or send 0 "
                 "for no limit"
             )
-        masked = np.where(s.feasible, s.score, -np.inf)
-        pick = int(np.argmax(masked))
+        pick = int(np.argmax(np.where(s.feasible, s.score, -np.inf)))
         explored = False
         cfg = self.config
         if cfg.epsilon > 0 and request.priority in cfg.explore_priorities and self._rng.random() < cfg.epsilon:

@@ -136,3 +136,27 @@ def test_policy_predictions_equal_xgboost_on_the_same_rows(trained: MetaPredicto
         rows.append(np.concatenate([row, space.crosses(m[space.flag_index][None], space.cross_task_values(task))[0]]))
     ref = trained.predict_matrix_xgb(np.stack(rows).astype(np.float32))
     np.testing.assert_allclose(np.log(scored.tokens_per_s), ref.mean_log, atol=1e-4)
+
+
+def test_a_window_of_requests_selects_what_one_by_one_selection_does(trained: MetaPredictor) -> None:
+    """The broker scores a prefetch window in one batched prediction; each request gets the same choice as
+    alone, and a request that cannot be served gets its typed error without failing the others."""
+    from proto.errors import BudgetTooLowError, UnknownModelError
+
+    groups = candidates(4)
+    rng = np.random.default_rng(7)
+    window = [RequestFeatures(model="m", prompt_tokens=int(rng.integers(8, 4000)),
+                              max_new_tokens=int(rng.choice([16, 128, 512])),
+                              shared_prefix_ratio=float(rng.choice([0.0, 0.9])), concurrency=int(rng.integers(0, 40)),
+                              task_text=str(rng.choice(["Fill in the CSV rows", "Write a short story", ""])))
+              for _ in range(24)]
+    window[5] = RequestFeatures(model="m", prompt_tokens=100, max_new_tokens=500, budget=1e-12)
+    batched = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
+    alone = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
+    results = batched.select_many([(r, groups) for r in window] + [(window[0], [])])
+    assert isinstance(results[5], BudgetTooLowError)
+    assert isinstance(results[-1], UnknownModelError)
+    for request, result in zip(window, results, strict=False):
+        if request.budget:
+            continue
+        assert result == alone.select(request, groups)
