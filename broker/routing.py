@@ -14,9 +14,10 @@ from broker.reputation import ReputationLedger
 from proto import messages_pb2
 from proto.errors import NoRouteError, UnknownModelError
 from proto.methods import METHODS
-from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy
+from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 
 ALL_METHODS = tuple(METHODS)
+RouteEntry = tuple[messages_pb2.InferenceRequest, float, int]  # request, now, concurrency at arrival
 
 
 class Router:
@@ -89,6 +90,43 @@ class Router:
         started = time.perf_counter()
         candidates = self.candidates(request, now)
         selection = self.policy.select(self.features(request, concurrency), candidates)
+        return self._decision(request, candidates, selection, now, started)
+
+    def route_many(self, entries: list[RouteEntry]) -> list[messages_pb2.RoutingDecision | Exception]:
+        """Route a window of requests with one ``policy.select_many`` (one batched prediction per candidate
+        set); each slot holds the decision or the exception routing that request raised."""
+        started = time.perf_counter()
+        out: list[messages_pb2.RoutingDecision | Exception | None] = [None] * len(entries)
+        items: list[tuple[RequestFeatures, list[GroupCandidate]]] = []
+        slots: list[int] = []
+        for i, (request, now, concurrency) in enumerate(entries):
+            try:
+                candidates = self.candidates(request, now)
+                items.append((self.features(request, concurrency), candidates))
+                slots.append(i)
+            except Exception as error:
+                out[i] = error
+        if items:
+            selections = self.policy.select_many(items)
+            for i, (_, candidates), selection in zip(slots, items, selections, strict=True):
+                if isinstance(selection, Exception):
+                    out[i] = selection
+                    continue
+                request, now, _ = entries[i]
+                try:
+                    out[i] = self._decision(request, candidates, selection, now, started)
+                except Exception as error:
+                    out[i] = error
+        return out  # type: ignore[return-value]
+
+    def _decision(
+        self,
+        request: messages_pb2.InferenceRequest,
+        candidates: list[GroupCandidate],
+        selection: Selection,
+        now: float,
+        started: float,
+    ) -> messages_pb2.RoutingDecision:
         chosen = next((c for c in candidates if c.group == selection.group), None)
         if chosen is None:
             raise NoRouteError(

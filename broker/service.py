@@ -41,6 +41,7 @@ from broker.amqp import (
     publish,
     send_error,
 )
+from broker.batching import RouteBatcher
 from broker.config import BrokerConfig
 from broker.consumer import Delivery, PriorityConsumers
 from broker.deadletters import DeadLetterWatcher
@@ -96,6 +97,7 @@ class BrokerService:
         self.gate = WeightedFairGate(config.max_in_flight, config.weights)
         self.settler = Settler()
         self.router: Router | None = None
+        self._batcher: RouteBatcher | None = None  # set at start for policies that score windows in one batch
         self.connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self.consumers = PriorityConsumers(self.topology, config.prefetch, self._on_request)
@@ -121,6 +123,8 @@ class BrokerService:
             self._directory = GroupDirectory(cfg.static_groups, reader=reader, ttl_s=cfg.directory_ttl_s)
         await self._directory.start()
         self.router = Router(self.policy, self._directory, self.ledger, broker_id=cfg.broker_id)
+        if cfg.batch_routing and getattr(self.policy, "batches", False):
+            self._batcher = RouteBatcher(self.router)
 
         self.connection = await aio_pika.connect_robust(
             cfg.amqp_url,
@@ -222,7 +226,10 @@ class BrokerService:
         try:
             request = parse_request(delivery.body, self.config.limits)
             validate_request(request, self.config.limits, self.topology, now=now)
-            decision = router.route(request, now=now, concurrency=self._pending)
+            if self._batcher is not None:
+                decision = await self._batcher.route(request, now=now, concurrency=self._pending)
+            else:
+                decision = router.route(request, now=now, concurrency=self._pending)
             body = messages_pb2.RoutedTask(request=request, decision=decision).SerializeToString()
         except DinetError as error:
             return await self._refuse(delivery, request, error)

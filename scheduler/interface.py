@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from proto.errors import DinetError, UnknownModelError
+from proto.errors import UnknownModelError
 from proto.methods import DEFAULT_METHOD
 from proto.records import HardwareInfo
 
@@ -70,18 +70,21 @@ class SchedulingPolicy(ABC):
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
         """:raises proto.errors.DinetError: a typed error when nothing can serve the request."""
 
+    batches = False  # True: select_many does better than one select per request (the broker then batches)
+
     def select_many(
         self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
-    ) -> list[Selection | DinetError]:
-        """Select for a window of requests; each slot holds its Selection or its typed error.
+    ) -> list[Selection | Exception]:
+        """Select for a window of requests; each slot holds its Selection or the exception its selection raised
+        (typed :class:`~proto.errors.DinetError` or a bug), so one bad request never fails the others.
 
         Policies that can score many requests in one batched prediction override this.
         """
-        out: list[Selection | DinetError] = []
+        out: list[Selection | Exception] = []
         for request, candidates in items:
             try:
                 out.append(self.select(request, candidates))
-            except DinetError as error:
+            except Exception as error:
                 out.append(error)
         return out
 

@@ -52,7 +52,6 @@ from typing import Any
 import pandas as pd
 
 from proto import messages_pb2
-from proto.errors import DinetError
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor, PredictorConfig
 from scheduler.rowlog import RowLog
@@ -170,9 +169,11 @@ class OnlineLearner(SchedulingPolicy):
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
         return self._policy.select(request, candidates)
 
+    batches = True  # the policy it delegates to may change; MetaInfPolicy batches
+
     def select_many(
         self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
-    ) -> list[Selection | DinetError]:
+    ) -> list[Selection | Exception]:
         return self._policy.select_many(items)
 
     def _install(self, predictor: MetaPredictor) -> None:

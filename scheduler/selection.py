@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from proto.errors import BudgetTooLowError, DinetError
+from proto.errors import BudgetTooLowError
 from scheduler.binned import BinnedForest, PairScorer
 from scheduler.embeddings import TASK_FEATURES
 from scheduler.expert import ExpertRules, ExpertRulesPolicy, check_budget, expert_method, no_candidates, repetition
@@ -92,6 +92,7 @@ class MetaInfPolicy(SchedulingPolicy):
     """Algorithm 2 over a trained :class:`~scheduler.predictor.MetaPredictor`."""
 
     name = "metainf"
+    batches = True
 
     def __init__(
         self,
@@ -275,18 +276,18 @@ class MetaInfPolicy(SchedulingPolicy):
 
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
         result = self.select_many([(request, candidates)])[0]
-        if isinstance(result, DinetError):
+        if isinstance(result, Exception):
             raise result
         return result
 
     def select_many(
         self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
-    ) -> list[Selection | DinetError]:
+    ) -> list[Selection | Exception]:
         """Algorithm 2 for a window of requests; one batched prediction per distinct candidate set.
 
         A request that cannot be served gets its typed error in its slot; the others are unaffected.
         """
-        out: list[Selection | DinetError | None] = [None] * len(items)
+        out: list[Selection | Exception | None] = [None] * len(items)
         batches: dict[int, tuple[_Plan, list[int]]] = {}
         for i, (request, candidates) in enumerate(items):
             try:
@@ -297,16 +298,27 @@ class MetaInfPolicy(SchedulingPolicy):
                 if not plan.methods:  # no method the model can describe: the rules decide
                     out[i] = self._fallback.select(request, candidates)
                     continue
-            except DinetError as error:
+            except Exception as error:
                 out[i] = error
                 continue
             batches.setdefault(id(plan), (plan, []))[1].append(i)
         for plan, idx in batches.values():
-            for i, pred in zip(idx, self._predict(plan, [items[i][0] for i in idx]), strict=True):
+            try:
+                preds: list[Any] = self._predict(plan, [items[i][0] for i in idx])
+            except Exception:  # a request the batch cannot take: find it, so that it fails alone
+                preds = []
+                for i in idx:
+                    try:
+                        preds.append(self._predict(plan, [items[i][0]])[0])
+                    except Exception as error:
+                        preds.append(error)
+            for i, pred in zip(idx, preds, strict=True):
                 request, candidates = items[i]
                 try:
+                    if isinstance(pred, Exception):
+                        raise pred
                     out[i] = self._pick(request, self._scored(plan, request, candidates, pred))
-                except DinetError as error:
+                except Exception as error:
                     out[i] = error
         return out  # type: ignore[return-value]
 

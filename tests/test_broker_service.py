@@ -114,8 +114,17 @@ class PoisonPolicy(FixedRulePolicy):
         return super().select(request, candidates)
 
 
-async def test_poison_message_hits_delivery_limit_and_the_rest_is_served(amqp_url, topology, agent) -> None:
-    policy = PoisonPolicy()
+class BatchingPoisonPolicy(PoisonPolicy):
+    """The same bug behind a policy the broker routes in batches (one select_many per event-loop turn)."""
+
+    batches = True
+
+
+@pytest.mark.parametrize("policy_class", [PoisonPolicy, BatchingPoisonPolicy])
+async def test_poison_message_hits_delivery_limit_and_the_rest_is_served(
+    amqp_url, topology, agent, policy_class
+) -> None:
+    policy = policy_class()
     async with BrokerService(config_for(amqp_url, topology), policy=policy) as service, \
             StubGroup(amqp_url, topology, "g1") as stub:
         poison = await agent.submit(agent.request(prompt="poison pill"))

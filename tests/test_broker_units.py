@@ -225,6 +225,16 @@ def test_route_unknown_model_and_hints() -> None:
     assert decision.group == "g1" and decision.method == "spec_ngram"
 
 
+def test_a_window_is_routed_like_one_request_at_a_time_with_errors_in_their_slots() -> None:
+    router = make_router({"g1": ("tiny",), "g2": ("tiny",)})
+    window = [(request(), 0.0, 3), (request(model="nope"), 0.0, 3), (request(group_hint="g2"), 0.0, 3)]
+    results = router.route_many(window)
+    assert isinstance(results[1], UnknownModelError)
+    first, third = results[0], results[2]
+    assert isinstance(first, messages_pb2.RoutingDecision) and isinstance(third, messages_pb2.RoutingDecision)
+    assert first.group == router.route(request(), now=0.0).group and third.group == "g2"
+
+
 def test_nodes_below_threshold_get_no_work() -> None:
     now = time.time()
     ledger = ReputationLedger()
