@@ -200,7 +200,7 @@ class PairScorer:
         # per pattern, the flags that are on, padded with index n_flags (the all-ones row)
         on_flags = [[k for k in range(n_flags) if pat[k] == 0] for pat in patterns]
         width = max((len(f) for f in on_flags), default=0)
-        self._on_index = np.full((len(patterns), max(width, 1)), n_flags, np.intp)
+        self._on_index = np.full((len(patterns), width + 1), n_flags, np.intp)  # >= 1 pad slot (task features)
         for gi, ks in enumerate(on_flags):
             self._on_index[gi, : len(ks)] = ks
         # g_j is compared with the thresholds of every cross (k, j): one bisect into their union finds them all
@@ -321,16 +321,17 @@ class PairScorer:
         nt = self.n_task
         # (k, T): AND over the task features; contiguous (slots, k, T) gathers reduce fast over axis 0
         task_mask = np.bitwise_and.reduce(table[rows[:, :nt].T], axis=0)
-        masks = self.base[None] & task_mask[:, None, :]  # (k, P, T)
-        if self.n_flags:
-            on_rows = table[rows[:, nt:].T].reshape(self.n_flags, self.n_ct, k, b.n_trees)
-            on_flag = np.empty((self.n_flags + 1, k, b.n_trees), b.dtype)  # per flag, AND over its crosses
-            np.bitwise_and.reduce(on_rows, axis=1, out=on_flag[: self.n_flags])
-            on_flag[self.n_flags] = b.ones
-            pattern = np.bitwise_and.reduce(on_flag[self._on_index], axis=1)  # (G, k, T)
-            for i in range(k):
-                pattern[:, i] &= self._off(nan[i])
-            masks &= pattern.transpose(1, 0, 2)[:, self.pattern_of]
+        if not self.n_flags:
+            return b.sums(self.base[None] & task_mask[:, None, :])
+        on_rows = table[rows[:, nt:].T].reshape(self.n_flags, self.n_ct, k, b.n_trees)
+        on_flag = np.empty((self.n_flags + 1, k, b.n_trees), b.dtype)  # per flag, AND over its crosses
+        np.bitwise_and.reduce(on_rows, axis=1, out=on_flag[: self.n_flags])
+        on_flag[self.n_flags] = task_mask  # the pad slot of every pattern carries the task features
+        pattern = np.bitwise_and.reduce(on_flag[self._on_index], axis=1)  # (G, k, T), task features included
+        for i in range(k):
+            pattern[:, i] &= self._off(nan[i])
+        masks = pattern.transpose(1, 0, 2)[:, self.pattern_of]  # (k, P, T)
+        masks &= self.base
         return b.sums(masks)
 
     def stats(self) -> dict[str, Any]:
