@@ -81,3 +81,32 @@ def test_truncate_rolls_a_session_back_exactly(tiny_model_path):
     )
     with pytest.raises(ValueError):
         rolled.truncate(99)
+
+
+async def test_step_batcher_runs_a_returning_cohort_without_waiting_for_sessions_elsewhere(tiny_model_path):
+    from node.accel.batcher import StepBatcher
+
+    executor = BlockExecutor.load(tiny_model_path, 0, 2)
+    # waits so long that only the cohort rule can start a forward before the sessions elsewhere arrive
+    policy = BatchPolicy(max_seqs=8, gather_ms=60_000, gap_ms=60_000, cohort_gap_ms=1.0)
+    batcher = StepBatcher(executor, policy)
+    await batcher.start()
+    try:
+        caches = [executor.new_cache() for _ in range(4)]
+        for _ in caches:
+            batcher.session_opened(batching=True)
+        step = [torch.randn(1, executor.hidden_size) for _ in caches]
+        # all four run together once (everyone open is waiting)
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(c, h) for c, h in zip(caches, step, strict=True))), 30)
+        assert batcher.stats.batch_sizes == {4: 1}
+        # two of them close; the other two come back without the two that left: no one else to wait for
+        for c in caches[2:]:
+            batcher.session_closed(batching=True, kv=c)
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(caches[i], step[i]) for i in range(2))), 30)
+        assert batcher.stats.batch_sizes == {4: 1, 2: 1}
+        # a new session opens and is elsewhere (no step yet): the returning cohort of two still runs at once
+        batcher.session_opened(batching=True)
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(caches[i], step[i]) for i in range(2))), 30)
+        assert batcher.stats.batch_sizes == {4: 1, 2: 2}
+    finally:
+        await batcher.close()

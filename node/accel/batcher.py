@@ -6,7 +6,10 @@ first, prefill chunks in the remaining token budget), runs it as one ragged forw
 thread, and resolves each step. Sessions join and leave between steps; nobody waits for a batch
 to finish generating. Because a driver hands its sessions' steps to a hop one after another, the
 loop waits a little (``gather_ms``, cut short after ``gap_ms`` without arrivals) for the other
-sessions it knows are open, instead of running a fragment of them. A session may ask to run
+sessions it knows are open, instead of running a fragment of them; but once every session that
+shared the first step's previous forward (its cohort: with two hops, the driver's sessions split
+into groups that alternate between the hops) is back, it waits only ``cohort_gap_ms`` more, since
+the other sessions are elsewhere in the chain and will not arrive soon. A session may ask to run
 alone (the baseline method) or to wait for companions for a few milliseconds first (dynamic batching).
 """
 
@@ -61,6 +64,11 @@ class StepBatcher:
         self._task: asyncio.Task[None] | None = None
         self._batching_sessions = 0  # open sessions that share forwards (their steps are worth waiting for)
         self._last_submit = 0.0
+        # cohorts: the sessions that ran in the same forward tend to come back together (a driver's group
+        # in a pipeline); once all of a cohort is back, waiting longer only delays it
+        self._forward_no = 0
+        self._cohort_of: dict[int, int] = {}  # id(session cache) -> the forward it last ran in
+        self._cohorts: dict[int, set[int]] = {}  # forward -> open sessions that last ran in it
 
     async def start(self) -> None:
         if self._task is None:
@@ -81,9 +89,36 @@ class StepBatcher:
     def session_opened(self, *, batching: bool) -> None:
         self._batching_sessions += int(batching)
 
-    def session_closed(self, *, batching: bool) -> None:
+    def session_closed(self, *, batching: bool, kv: SequenceKV | None = None) -> None:
         self._batching_sessions -= int(batching)
+        if kv is not None:
+            self._leave_cohort(id(kv))
         self._wake.set()  # one fewer session to wait for
+
+    def _leave_cohort(self, key: int) -> None:
+        cohort = self._cohort_of.pop(key, None)
+        if cohort is not None:
+            members = self._cohorts.get(cohort)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._cohorts[cohort]
+
+    def _record_cohort(self, batch: list[_Pending]) -> None:
+        self._forward_no += 1
+        keys = {id(p.item.kv) for p in batch if not p.solo}
+        for key in keys:
+            self._leave_cohort(key)
+            self._cohort_of[key] = self._forward_no
+        if keys:
+            self._cohorts[self._forward_no] = keys
+
+    def _cohort_back(self, first: _Pending, waiting: list[_Pending]) -> bool:
+        """Every open session that shared ``first``'s last forward is waiting again."""
+        members = self._cohorts.get(self._cohort_of.get(id(first.item.kv), -1))
+        if members is None or len(members) < 2:  # a session that ran alone has no cohort to wait for
+            return False
+        return members <= {id(p.item.kv) for p in waiting}
 
     def close_nowait(self) -> None:
         """Cancel the loop and fail pending steps without awaiting (a synchronous owner's shutdown)."""
@@ -121,6 +156,14 @@ class StepBatcher:
             out.append(pending)
         return out
 
+    def _enough(self, waiting: int, gathered_long: bool, quiet: float, gap: float, cohort_gap: float,
+                first: _Pending, batchable: list[_Pending]) -> bool:
+        """Stop waiting: everyone open is here, the gather time is up, arrivals stopped, or the first step's
+        cohort is back (briefly quiet)."""
+        if waiting >= self._batching_sessions or gathered_long or quiet >= gap:
+            return True
+        return quiet >= cohort_gap and self._cohort_back(first, batchable)
+
     async def _choose(self) -> list[_Pending]:
         first = self._pending[0]
         if first.solo or self.policy.max_seqs == 1:
@@ -128,14 +171,19 @@ class StepBatcher:
         window_end = first.arrival + first.window_s  # dynamic batching: a fixed wait
         gather_end = first.arrival + self.policy.gather_ms / 1000.0
         gap = self.policy.gap_ms / 1000.0
-        while (waiting := len(self._batchable())) < self.policy.max_seqs:
+        cohort_gap = self.policy.cohort_gap_ms / 1000.0
+        while len(batchable := self._batchable()) < self.policy.max_seqs:
+            waiting = len(batchable)
             now = time.monotonic()
+            quiet = now - self._last_submit
             if now < window_end:
                 until = window_end
-            elif waiting >= self._batching_sessions or now >= gather_end or now - self._last_submit >= gap:
+            elif self._enough(waiting, now >= gather_end, quiet, gap, cohort_gap, first, batchable):
                 break
             else:
                 until = min(gather_end, self._last_submit + gap)
+                if self._cohort_back(first, batchable):
+                    until = min(until, self._last_submit + cohort_gap)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, until - now))
@@ -171,6 +219,7 @@ class StepBatcher:
             took = time.monotonic() - chose
             self.stats.forward_s += took
             self.stats.forward_s_by_size[len(batch)] = self.stats.forward_s_by_size.get(len(batch), 0.0) + took
+            self._record_cohort(batch)
             self.stats.forwards += 1
             self.stats.steps += len(batch)
             self.stats.max_batch = max(self.stats.max_batch, len(batch))

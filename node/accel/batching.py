@@ -24,9 +24,11 @@ class BatchPolicy:
     window_ms: float = 0.0  # dynamic batching: wait this long after the first step for companions (0 = never)
     gather_ms: float = 40.0  # continuous batching: longest wait for the other sessions open on this node
     gap_ms: float = 5.0  # ...but stop waiting once no step has arrived for this long
+    cohort_gap_ms: float = 1.0  # ...or for this long once every session of the first step's last forward is back
 
     def __post_init__(self) -> None:
-        if self.max_seqs < 1 or self.max_tokens < 1 or min(self.window_ms, self.gather_ms, self.gap_ms) < 0:
+        waits = (self.window_ms, self.gather_ms, self.gap_ms, self.cohort_gap_ms)
+        if self.max_seqs < 1 or self.max_tokens < 1 or min(waits) < 0:
             raise ValueError("max_seqs and max_tokens must be >= 1 and the waits >= 0")
 
 

@@ -188,7 +188,8 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         try:
             while True:
                 try:
-                    step = await asyncio.wait_for(iterator.__anext__(), self.config.session_idle_s)
+                    async with asyncio.timeout(self.config.session_idle_s):  # no task per message, unlike wait_for
+                        step = await iterator.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -223,7 +224,7 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
                     return
         finally:
             self.active_sessions -= 1
-            self.batcher.session_closed(batching=not options.solo)
+            self.batcher.session_closed(batching=not options.solo, kv=kv)
             self.reserved_bytes -= reserved
             if lease is not None:
                 self.prefix_cache.release(lease)
