@@ -17,6 +17,7 @@ from proto.methods import METHODS
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 
 ALL_METHODS = tuple(METHODS)
+CANDIDATES_TTL_S = 1.0
 RouteEntry = tuple[messages_pb2.InferenceRequest, float, int]  # request, now, concurrency at arrival
 
 
@@ -38,14 +39,35 @@ class Router:
         self.broker_id = broker_id
         self.methods = methods
         self.prefixes = PrefixTracker()
+        # (model, group hint, method hint) -> (directory list, ledger.observed, built at, candidates)
+        self._candidates: dict[tuple[str, str, str], tuple[list[GroupInfo], int, float, list[GroupCandidate]]] = {}
 
     def candidates(self, request: messages_pb2.InferenceRequest, now: float) -> list[GroupCandidate]:
         """Live groups serving the model, with their eligible nodes and the reputations used.
+
+        Reused for up to ``CANDIDATES_TTL_S`` while neither the directory's view nor the ledger changed
+        (reputations only drift with time between reports: a half-life of minutes), so a stream of requests
+        for one model costs one candidate list per second, and the policy sees the same objects (its
+        per-candidate-set caches then hit by identity).
 
         :raises UnknownModelError: no live group serves the model (or the hinted group does not).
         :raises NoRouteError: groups exist, but every one of their nodes is below the reputation threshold.
         """
         groups: list[GroupInfo] = self.directory.groups_for(request.model)
+        key = (request.model, request.group_hint, request.method_hint)
+        hit = self._candidates.get(key)
+        fresh = hit is not None and hit[0] is groups and hit[1] == self.ledger.observed
+        if fresh and hit is not None and 0 <= now - hit[2] < CANDIDATES_TTL_S:
+            return hit[3]
+        out = self._build_candidates(request, groups, now)
+        if len(self._candidates) > 1024:
+            self._candidates.clear()
+        self._candidates[key] = (groups, self.ledger.observed, now, out)
+        return out
+
+    def _build_candidates(
+        self, request: messages_pb2.InferenceRequest, groups: list[GroupInfo], now: float
+    ) -> list[GroupCandidate]:
         if request.group_hint:
             groups = [g for g in groups if g.group == request.group_hint]
         if not groups:

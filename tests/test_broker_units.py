@@ -235,6 +235,20 @@ def test_a_window_is_routed_like_one_request_at_a_time_with_errors_in_their_slot
     assert first.group == router.route(request(), now=0.0).group and third.group == "g2"
 
 
+def test_candidates_are_reused_until_a_report_or_the_clock_moves() -> None:
+    now = time.time()
+    ledger = ReputationLedger()
+    ledger.observe(report("bad", group="gz", at=now))
+    ledger.observe(report("good", group="ga", at=now))
+    router = make_router({"ga": ("tiny",), "gz": ("tiny",)}, ledger)
+    first = router.candidates(request(), now)
+    assert router.candidates(request(), now + 0.5) is first  # same objects: the policy's caches hit
+    for i in range(5):  # a burst of failures is seen by the very next request, not after a TTL
+        ledger.observe(report("bad", group="gz", ok=False, code=ErrorCode.NODE_FAILURE, at=now + i))
+    assert [c.group for c in router.candidates(request(), now + 5)] == ["ga"]
+    assert router.candidates(request(), now + 7) is not router.candidates(request(), now + 5)
+
+
 def test_nodes_below_threshold_get_no_work() -> None:
     now = time.time()
     ledger = ReputationLedger()
