@@ -30,6 +30,7 @@ from typing import Protocol
 import grpc
 import torch
 
+from node.blocks.auth import swarm_token_from_env
 from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
 from node.blocks.push import PushTarget
 from node.blocks.remote import ChannelPool, HopFailure, RemoteSpan, probe_rtt_ms
@@ -72,6 +73,8 @@ class ChainConfig:
     costs: RouteCosts = field(default_factory=RouteCosts)
     max_message_bytes: int = 64 * 1024 * 1024 + MESSAGE_ENVELOPE_BYTES
     push: bool = True  # hops push each step on to the next hop (False: the driver carries every hop: star)
+    # sent on every call (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
+    swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
 
 
 @dataclass
@@ -229,7 +232,7 @@ class ChainEngine:
         self.weight_format = weight_format
         self.num_blocks = int(self.model_config.num_hidden_layers)
         self.max_positions = int(self.model_config.max_position_embeddings)
-        self.pool = ChannelPool(self.config.max_message_bytes)
+        self.pool = ChannelPool(self.config.max_message_bytes, swarm_token=self.config.swarm_token)
         self.tensor_limits = TensorLimits(max_bytes=self.config.max_message_bytes - MESSAGE_ENVELOPE_BYTES)
         self._driver: DriverParts | None = None
         self._records: list[BlockRecord] = []

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
+from node.blocks.auth import swarm_token_from_env
 from node.blocks.block_functions import BlockSpan, measure_throughput
 from node.blocks.chain_engine import ChainConfig, ChainEngine
 from node.blocks.dht import Announcer, SwarmDHT
@@ -47,6 +48,9 @@ class ServingConfig:
     dht_port: int = 0  # DHT (libp2p) port (0 = any free port)
     limits: ServerLimits = field(default_factory=ServerLimits)  # per-peer bounds of the gRPC service
     push: bool = True  # push outputs to the next hop when a driver asks (to DHT-listed peers only)
+    # calls without this token are refused, and this node's own calls (pushes, driving) carry it
+    # (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
+    swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
     chain: ChainConfig = field(default_factory=ChainConfig)  # the driver's retry/routing knobs
 
 
@@ -120,13 +124,13 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
     # pushes go only to peers the DHT lists as serving the next blocks (node/blocks/push.py)
     push_policy = SwarmPushPolicy(lambda model: swarm.block_records(model, total)) if config.push else NoPush()
     push_channels = PushChannels(grpc_options(config.limits.max_message_bytes(span.hidden_size)),
-                                 timeout_s=config.limits.push_timeout_s)
+                                 timeout_s=config.limits.push_timeout_s, swarm_token=config.swarm_token)
     servicer = BlockServicer(
         span=span, model_name=config.model_name, caches=caches, limits=config.limits,
         node_id=lambda: swarm.peer_id, hardware=hardware, throughput_tok_s=throughput,
         push_policy=push_policy, push_channels=push_channels,
     )
-    server, port = await start_grpc_server(servicer, config.host, config.port)
+    server, port = await start_grpc_server(servicer, config.host, config.port, swarm_token=config.swarm_token)
     address = f"{config.announce_host or config.host}:{port}"
 
     def record() -> NodeRecord:
@@ -141,8 +145,9 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
                           ttl_s=config.record_ttl_s)
     try:
         await announcer.start()
+        chain = config.chain if config.chain.swarm_token else replace(config.chain, swarm_token=config.swarm_token)
         engine = ChainEngine(
-            model_path=str(model_dir), model_name=config.model_name, records=swarm, config=config.chain,
+            model_path=str(model_dir), model_name=config.model_name, records=swarm, config=chain,
             weight_format=config.weight_format,
         )
     except BaseException:

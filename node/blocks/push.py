@@ -31,6 +31,7 @@ from typing import Protocol
 
 import grpc
 
+from node.blocks.auth import call_metadata
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.records import BlockRecord
 
@@ -168,10 +169,12 @@ class SwarmPushPolicy:
 class PushLink:
     """A ``Push`` stream from this node into one session of the next hop."""
 
-    def __init__(self, channel: grpc.aio.Channel, target: PushTarget, *, timeout_s: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, target: PushTarget, *, timeout_s: float, metadata: tuple = ()
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._call = blocks_pb2_grpc.BlockServiceStub(channel).Push()
+        self._call = blocks_pb2_grpc.BlockServiceStub(channel).Push(metadata=metadata)
 
     async def send(self, message: blocks_pb2.InferenceStep) -> None:
         """Write one step; does not wait for the next hop to compute it.
@@ -202,9 +205,10 @@ class PushLink:
 class PushChannels:
     """One channel per next-hop address, shared by the node's sessions."""
 
-    def __init__(self, options: list[tuple[str, int]], *, timeout_s: float = 5.0) -> None:
+    def __init__(self, options: list[tuple[str, int]], *, timeout_s: float = 5.0, swarm_token: str = "") -> None:
         self.options = options
         self.timeout_s = timeout_s
+        self.metadata = call_metadata(swarm_token)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def link(self, target: PushTarget) -> PushLink:
@@ -212,7 +216,7 @@ class PushChannels:
         if channel is None:
             channel = grpc.aio.insecure_channel(target.address, options=self.options)
             self._channels[target.address] = channel
-        return PushLink(channel, target, timeout_s=self.timeout_s)
+        return PushLink(channel, target, timeout_s=self.timeout_s, metadata=self.metadata)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

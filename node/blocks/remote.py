@@ -22,6 +22,7 @@ from typing import TypeVar
 import grpc
 import torch
 
+from node.blocks.auth import call_metadata
 from node.blocks.push import PushTarget
 from node.blocks.routing import Hop
 from node.blocks.server import grpc_options
@@ -61,8 +62,9 @@ class HopFailure(Exception):
 class ChannelPool:
     """One gRPC channel per peer address, reused across sessions and requests."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, *, swarm_token: str = "") -> None:
         self.max_message_bytes = max_message_bytes
+        self.metadata = call_metadata(swarm_token)  # every call carries it (node/blocks/auth.py)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> blocks_pb2_grpc.BlockServiceStub:
@@ -84,7 +86,7 @@ async def probe_rtt_ms(pool: ChannelPool, hop_address: str, *, timeout_s: float)
     :raises grpc.aio.AioRpcError: when the peer does not answer in time.
     """
     begin = time.perf_counter()
-    await pool.stub(hop_address).Info(blocks_pb2.InfoRequest(), timeout=timeout_s)
+    await pool.stub(hop_address).Info(blocks_pb2.InfoRequest(), timeout=timeout_s, metadata=pool.metadata)
     return (time.perf_counter() - begin) * 1000.0
 
 
@@ -121,7 +123,7 @@ class RemoteSpan:
         self.step_timeout_s = step_timeout_s
         self.tensor_limits = tensor_limits
         self.session_id = uuid.uuid4().hex
-        self._call = pool.stub(hop.address).Inference()
+        self._call = pool.stub(hop.address).Inference(metadata=pool.metadata)
         self._opened = False
 
     def target(self) -> PushTarget:

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 
+from node.blocks.auth import SWARM_TOKEN_ENV, swarm_token_from_env
 from node.blocks.chain_engine import ChainConfig
 from node.blocks.launch import ServingConfig, start_serving
 
@@ -46,6 +47,8 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-period", type=float, default=10.0, help="DHT refresh period, s (default 10)")
     parser.add_argument("--record-ttl", type=float, default=30.0, help="DHT record lifetime, s (default 30)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--swarm-token", default=None,
+                        help=f"shared secret every gRPC call must carry (default: ${SWARM_TOKEN_ENV}; unset = open)")
     parser.add_argument("--no-push", action="store_true",
                         help="star mode only: never push outputs to the next hop, nor ask hops to (default: push)")
 
@@ -54,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
     from pathlib import Path
 
     start, end = args.blocks
+    token = swarm_token_from_env(args.swarm_token)
     return ServingConfig(
         model_path=args.model,
         model_name=args.name or Path(args.model).name,
@@ -70,7 +74,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         announce_period_s=args.announce_period,
         record_ttl_s=args.record_ttl,
         push=not args.no_push,
-        chain=ChainConfig(push=not args.no_push),
+        swarm_token=token,
+        chain=ChainConfig(push=not args.no_push, swarm_token=token),
     )
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from node.blocks.auth import server_interceptors
 from node.blocks.block_functions import BlockSpan, run_span
 from node.blocks.kv_cache import CacheFullError, CacheManager, SessionCache
 from node.blocks.push import (
@@ -382,9 +383,15 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-async def start_grpc_server(servicer: BlockServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port (``port=0`` picks a free one)."""
-    server = grpc.aio.server(options=grpc_options(servicer.limits.max_message_bytes(servicer.span.hidden_size)))
+async def start_grpc_server(
+    servicer: BlockServicer, host: str, port: int, *, swarm_token: str = ""
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the bound port (``port=0`` picks a free one).
+
+    With a ``swarm_token``, calls without it are refused with UNAUTHENTICATED (:mod:`node.blocks.auth`).
+    """
+    server = grpc.aio.server(options=grpc_options(servicer.limits.max_message_bytes(servicer.span.hidden_size)),
+                             interceptors=server_interceptors(swarm_token))
     blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
