@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from proto.methods import METHODS  # noqa: E402
+from scheduler.binned import BinnedForest, PairScorer  # noqa: E402
 from scheduler.interface import GroupCandidate, RequestFeatures  # noqa: E402
 from scheduler.predictor import MetaPredictor, PredictorConfig  # noqa: E402
 from scheduler.selection import ExpertRulesPolicy, MetaInfPolicy, SelectionConfig  # noqa: E402
@@ -115,13 +116,27 @@ def main() -> int:
     def rules(i: int) -> object:
         return expert.select(requests[i % len(requests)], groups)
 
+    def window(i: int) -> object:  # 16 requests routed together, as the broker does per event-loop turn
+        return policy.select_many([(requests[(16 * i + j) % len(requests)], groups) for j in range(16)])
+
     gc.collect()
     metainf = timed(select, args.requests, args.warmup)
     experts = timed(rules, args.requests, args.warmup)
+    windows = timed(window, max(1, args.requests // 16), max(1, args.warmup // 16))
 
     # the prediction step alone: compiled forest vs XGBoost inplace_predict on the same batch
     x = predictor.space.transform(generate(tasks=4, reps=1, seed=9).head(pairs))
     forest = timed(lambda i: predictor.predict_matrix(x), 2000, 100)
+    # the selection path's predictor on a memo miss: leaf masks for 32 pairs, the task part varying
+    space = predictor.space
+    binned = BinnedForest(predictor.forest)
+    block = np.stack([np.concatenate([space.method_vector(m), space.hardware_vector(g.group, g.hardware, None)])
+                      for g in groups for m in g.methods]).astype(np.float32)
+    scorer = PairScorer(binned, space.n_task, block, block[:, space.flag_index], memo_size=0)
+    tasks = x[:, : space.n_task].copy()
+    cross = space.cross_task_values(tasks)
+    leaf = timed(lambda i: scorer.predict(tasks[i % len(tasks) : i % len(tasks) + 1],
+                                          cross[i % len(tasks) : i % len(tasks) + 1]), 2000, 100)
     xgb = timed(lambda i: predictor.predict_matrix_xgb(x), 2000, 100)
 
     hits = policy.text_cache.encoder.encoded if policy.text_cache is not None else 0
@@ -132,7 +147,9 @@ def main() -> int:
     print(f"{'step':<34} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for label, r in (
         (f"MetaInf select ({pairs} pairs)", metainf),
+        ("MetaInf select_many, 16 requests", windows),
         ("expert rules select", experts),
+        ("leaf-mask predict, memo miss", leaf),
         ("compiled forest predict", forest),
         ("xgboost inplace_predict", xgb),
     ):
@@ -143,6 +160,10 @@ def main() -> int:
         "selection_p50_ms": round(metainf["p50_ms"], 4),
         "selection_p99_ms": round(metainf["p99_ms"], 4),
         "selection_max_ms": round(metainf["max_ms"], 4),
+        "window16_p50_ms": round(windows["p50_ms"], 4),
+        "window16_p99_ms": round(windows["p99_ms"], 4),
+        "leafmask_miss_p50_ms": round(leaf["p50_ms"], 4),
+        "memo_hit_rate": round(policy.serving_stats()["prediction_memo_hits"] / max(1, policy.decisions), 3),
         "expert_p99_ms": round(experts["p99_ms"], 4),
         "forest_predict_p99_ms": round(forest["p99_ms"], 4),
         "xgboost_predict_p99_ms": round(xgb["p99_ms"], 4),
