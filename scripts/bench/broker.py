@@ -2,9 +2,13 @@
 """Broker routing throughput and scheduling latency against the real RabbitMQ.
 
 One broker runs in this process (publisher confirms on, the fixed-rule scheduler or
---scheduler NAME in the loop). A second process drives it: it publishes a steady
-stream of requests (confirmed, pipelined, with a bounded backlog) and runs a stub
-consumer group that acks every routed task at once and counts distinct request ids.
+--scheduler NAME in the loop) and sees ``--groups`` consumer groups (default 4, the
+synthetic data's four hardware profiles, two nodes each, as DHT records would give
+them), so a learned scheduler scores 8 methods x 4 groups per request. A second
+process drives it: it publishes a steady stream of requests (confirmed, pipelined,
+with a bounded backlog) drawn from ``--prompts`` distinct prompts of varied length and
+kind, with varied ``max_new_tokens``, and is the stub consumer of every group queue: it
+acks every routed task at once and counts distinct request ids.
 
 Prints as its last line a JSON object with routed_per_s (per broker process),
 sched_p50_ms, sched_p99_ms (parse + validate + schedule, per request) and lost
@@ -27,6 +31,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -35,16 +40,43 @@ import aio_pika  # noqa: E402
 from aiormq.abc import DeliveredMessage  # noqa: E402
 from pamqp.commands import Basic  # noqa: E402
 
+from broker.directory import GroupDirectory  # noqa: E402
 from proto import messages_pb2  # noqa: E402
+from proto.records import NodeRecord  # noqa: E402
 from proto.settings import amqp_url_from_env  # noqa: E402
 from proto.topology import Topology  # noqa: E402
 
-GROUP = "bench"
 MODEL = "bench-model"
+OUTPUTS = (16, 32, 64, 128, 256)
+
+
+def make_prompts(n: int) -> list[str]:
+    """``n`` distinct prompts (deterministic): prose, code-like repetitive text and records, 60-2,400 chars.
+
+    Every eighth one starts with a shared system-prompt prefix, as agent traffic does.
+    """
+    words = ["the", "harbour", "supply", "chain", "essay", "letter", "tax", "forms", "sensor", "readings",
+             "inventory", "story", "night", "summary", "report", "table", "customer", "order", "shipment",
+             "delay", "weather", "forecast", "budget", "review"]
+    system = "You are a careful assistant. Answer briefly and cite the input where you can. " * 2
+    out = []
+    for i in range(n):
+        length = 60 + (i * 7919) % 2340
+        kind = i % 3
+        if kind == 0:
+            body = " ".join(words[(i * 13 + j * 7) % len(words)] for j in range(length // 6))
+        elif kind == 1:
+            body = "".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(length // 30 + 1))
+        else:
+            body = "\n".join(f"id={i}-{j}, item={words[j % len(words)]}, qty={j % 9}" for j in range(length // 35 + 1))
+        text = f"[{i}] {body}"[:length]
+        out.append(system + text if i % 8 == 0 else text)
+    return out
 
 
 async def _drive(
-    url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue
+    url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue,
+    groups: list[str], n_prompts: int,
 ) -> None:
     """Publish ``n`` requests (at most ``backlog`` not yet routed) and be the stub group that acks them."""
     topology = Topology(namespace)
@@ -52,7 +84,7 @@ async def _drive(
     pub = await connection.channel()
     sub = await connection.channel()
     await sub.set_qos(prefetch_count=1000)
-    await topology.declare_core(pub, groups=(GROUP,))
+    await topology.declare_core(pub, groups=tuple(groups))
     reply = topology.reply_queue_spec("bench-agent")
     await reply.declare(pub)
     pub_raw = await pub.get_underlay_channel()
@@ -86,11 +118,12 @@ async def _drive(
                 await sub_raw.basic_ack(last_tag, multiple=True)
 
     window = asyncio.Semaphore(512)  # confirms in flight at the driver
-    prompt = "Summarise the following text in one sentence. " * 4  # ~200 characters
+    prompts = make_prompts(n_prompts)
 
     async def publish_one(i: int) -> None:
         request = messages_pb2.InferenceRequest(
-            request_id=f"bench-{i}", model=MODEL, prompt=prompt, max_new_tokens=32,
+            request_id=f"bench-{i}", model=MODEL, prompt=prompts[(i * 7) % len(prompts)],
+            max_new_tokens=OUTPUTS[i % len(OUTPUTS)],
             priority=priorities[i % len(priorities)], reply_to=reply.name, submitted_at=time.time(),
         )
         try:
@@ -117,7 +150,8 @@ async def _drive(
         sent = n
         while tasks:
             await asyncio.sleep(0.01)
-    await sub_raw.basic_consume(topology.group_queue(GROUP), on_task)
+    for group in groups:
+        await sub_raw.basic_consume(topology.group_queue(group), on_task)
     out.put(("ready", None))
     started = time.monotonic()
     while sent < n:
@@ -138,17 +172,33 @@ async def _drive(
 
 
 def _driver_main(
-    url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue
+    url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue,
+    groups: list[str], n_prompts: int,
 ) -> None:
-    asyncio.run(_drive(url, namespace, n, backlog, priorities, preload, out))
+    asyncio.run(_drive(url, namespace, n, backlog, priorities, preload, out, groups, n_prompts))
 
 
-async def _cleanup(url: str, topology: Topology) -> None:
+def bench_directory(n_groups: int) -> tuple[GroupDirectory, list[str]]:
+    """``n_groups`` groups of two nodes each, with the synthetic data's hardware (as DHT records give them)."""
+    from scheduler.synthetic import make_hardware
+
+    records = [
+        NodeRecord(peer_id=f"{name}-node{k}", address=f"127.0.0.1:{40000 + 10 * g + k}", group=name,
+                   models=(MODEL,), start_block=0, end_block=1, hardware=hw)
+        for g, (name, hw) in enumerate(make_hardware(n_groups)) for k in range(2)
+    ]
+    directory = GroupDirectory()
+    directory.set_dht_records(records)
+    return directory, sorted({r.group for r in records})
+
+
+async def _cleanup(url: str, topology: Topology, groups: list[str]) -> None:
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
         names = [topology.request_queue(p) for p in ("high", "normal", "batch")]
-        names += [topology.group_queue(GROUP), topology.reply_queue("bench-agent"), topology.dead_letter_queue,
+        names += [topology.group_queue(g) for g in groups]
+        names += [topology.reply_queue("bench-agent"), topology.dead_letter_queue,
                   topology.dead_letter_queue + ".watch", topology.telemetry_stream]
         for name in names:
             with contextlib.suppress(Exception):
@@ -159,17 +209,36 @@ async def _cleanup(url: str, topology: Topology) -> None:
         await connection.close()
 
 
+async def _warm_texts(service: Any, args: argparse.Namespace) -> float:
+    """Embed the prompt pool before measuring, as a broker that has run a while has (steady state).
+
+    Prompts never seen before still take the documented fallback (text dims missing) while the
+    background encoder works; ``--no-warm-texts`` measures that cold state instead.
+    """
+    from broker.features import TASK_TEXT_CHARS
+
+    policy = getattr(service.policy, "policy", service.policy)
+    cache = getattr(policy, "text_cache", None)
+    if cache is None:
+        return 0.0
+    started = time.monotonic()
+    await asyncio.to_thread(cache.warm, [p[:TASK_TEXT_CHARS] for p in make_prompts(args.prompts)])
+    return round(time.monotonic() - started, 2)
+
+
 async def bench(args: argparse.Namespace) -> dict:
     from broker.config import BrokerConfig
     from broker.service import BrokerService
 
     url = amqp_url_from_env(args.amqp_url)
     topology = Topology(f"bench-{uuid.uuid4().hex[:8]}")
-    config = BrokerConfig(amqp_url=url, namespace=topology.namespace, static_groups={GROUP: (MODEL,)},
+    directory, groups = bench_directory(args.groups)
+    config = BrokerConfig(amqp_url=url, namespace=topology.namespace,
                           scheduler=args.scheduler, scheduler_model=args.scheduler_model, broker_id="bench",
-                          max_in_flight=args.max_in_flight,
+                          max_in_flight=args.max_in_flight, batch_routing=args.batch_routing,
                           watch_dead_letters=False)
-    service = BrokerService(config)
+    service = BrokerService(config, directory=directory)
+    warm_s = await _warm_texts(service, args) if args.warm_texts else 0.0
     if not args.preload:
         await service.start()
         gc.freeze()  # as `dinet-broker run` does
@@ -177,7 +246,8 @@ async def bench(args: argparse.Namespace) -> dict:
     out: mp.Queue = ctx.Queue()
     priorities = args.priorities.split(",")
     driver = ctx.Process(target=_driver_main, args=(url, topology.namespace, args.requests, args.backlog,
-                                                    priorities, args.preload, out), daemon=True)
+                                                    priorities, args.preload, out, groups, args.prompts),
+                         daemon=True)
     driver.start()
     try:
         await asyncio.to_thread(out.get, True, 300)  # the driver is ready
@@ -206,8 +276,13 @@ async def bench(args: argparse.Namespace) -> dict:
             if driver.is_alive():
                 driver.join(10)
         finally:
-            await _cleanup(url, topology)
+            await _cleanup(url, topology, groups)
     lost = result["published"] - result["distinct_routed"]
+    policy = getattr(service.policy, "policy", service.policy)  # an online learner's current policy
+    serving = policy.serving_stats() if hasattr(policy, "serving_stats") else {}
+    batcher = service._batcher
+    if batcher is not None:
+        serving["mean_batch"] = round(batcher.routed / max(1, batcher.batches), 1)
     return {
         "requests": result["published"],
         "routed": snap["routed_total"],
@@ -217,6 +292,11 @@ async def bench(args: argparse.Namespace) -> dict:
         "lost": lost,
         "duplicates": result["duplicates"],
         "scheduler": service.policy.name,
+        "groups": len(groups),
+        "distinct_prompts": args.prompts,
+        "texts_warmed_s": warm_s,
+        "by_group": snap["by_group"],
+        **serving,
         "max_in_flight": args.max_in_flight,
         "driver_publish_s": result["publish_s"],
         "broker_cpu_per_request_us": round(cpu_s / max(1, snap["routed_total"]) * 1e6, 1),
@@ -232,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="fixed-rule")
     parser.add_argument("--scheduler-model", default="",
                         help="model directory for a learned scheduler (e.g. from `dinet-scheduler train`)")
+    parser.add_argument("--groups", type=int, default=4, choices=range(1, 5), metavar="1-4",
+                        help="consumer groups the broker sees (default 4: 8 methods x 4 groups per selection)")
+    parser.add_argument("--prompts", type=int, default=256, help="distinct prompts in the stream (default 256)")
+    parser.add_argument("--no-warm-texts", dest="warm_texts", action="store_false",
+                        help="do not embed the prompt pool before measuring (a learned scheduler then runs without "
+                             "text dims until the background encoder catches up)")
+    parser.add_argument("--no-batch-routing", dest="batch_routing", action="store_false",
+                        help="route every request on its own instead of one batched prediction per loop turn")
     parser.add_argument("--max-in-flight", type=int, default=128)
     parser.add_argument("--backlog", type=int, default=2000, help="max requests published but not yet routed")
     parser.add_argument("--priorities", default="normal",
