@@ -36,34 +36,47 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     d = PredictorConfig()
     g.add_argument("--ensemble", type=int, default=d.ensemble, metavar="N",
                    help=f"bootstrap ensemble members (default {d.ensemble})")
-    g.add_argument("--rounds", type=int, default=d.rounds, metavar="N",
-                   help=f"boosting rounds per member (default {d.rounds})")
-    g.add_argument("--max-depth", type=int, default=d.max_depth, metavar="D",
-                   help=f"tree depth (default {d.max_depth})")
-    g.add_argument("--target", choices=("absolute", "relative"), default=d.target,
+    g.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help=f"boosting rounds per member (default: tuned; {d.rounds} with --no-tune)")
+    g.add_argument("--max-depth", type=int, default=None, metavar="D",
+                   help=f"tree depth (default: tuned; {d.max_depth} with --no-tune)")
+    g.add_argument("--target", choices=("absolute", "relative"), default=None,
                    help="absolute: learn log performance; relative: learn it relative to the mean of its "
-                        f"(task, hardware) cell, plus a level model for that mean (default {d.target})")
-    g.add_argument("--tune", action="store_true",
-                   help="choose depth/rounds/eta/target by an inner cross-validation on the training rows only "
-                        "(in evaluate: per outer fold, i.e. nested)")
+                        f"(task, hardware) cell, plus a level model for that mean (default: tuned; {d.target} "
+                        "with --no-tune)")
+    g.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="use the depth/rounds/eta/target given here instead of choosing them by an inner "
+                        "cross-validation on the training rows only (in evaluate: per outer fold, i.e. nested; "
+                        "the default, unless one of them is given explicitly)")
+    g.add_argument("--tune", dest="tune", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--text-always", action="store_true",
                    help="embed text columns even when they tell apart no rows that the numeric features do not "
                         "(by default such redundant text is left out)")
-    g.add_argument("--eta", type=float, default=d.eta, help=f"learning rate (default {d.eta})")
+    g.add_argument("--eta", type=float, default=None, help=f"learning rate (default: tuned; {d.eta} with --no-tune)")
     g.add_argument("--threads", type=int, default=1, help="XGBoost threads (default 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The configuration the flags describe; sets ``args.tune`` False when a tuned knob was given explicitly."""
     from scheduler.predictor import PredictorConfig
 
-    for name in ("ensemble", "rounds", "max_depth", "threads"):
-        if getattr(args, name) < 1:
-            raise DatasetError(f"--{name.replace('_', '-')} must be at least 1")
+    d = PredictorConfig()
+    if any(getattr(args, k) is not None for k in ("rounds", "max_depth", "eta", "target")):
+        args.tune = False  # explicit values win over the search
+    rounds = d.rounds if args.rounds is None else int(args.rounds)
+    max_depth = d.max_depth if args.max_depth is None else int(args.max_depth)
+    eta = d.eta if args.eta is None else float(args.eta)
+    target = d.target if args.target is None else str(args.target)
+    for name, value in (("ensemble", args.ensemble), ("rounds", rounds), ("max-depth", max_depth),
+                        ("threads", args.threads)):
+        if value < 1:
+            raise DatasetError(f"--{name} must be at least 1")
+    if eta <= 0:
+        raise DatasetError("--eta must be > 0")
     return replace(
-        PredictorConfig(), use_text=not args.no_text, ensemble=args.ensemble, rounds=args.rounds,
-        max_depth=args.max_depth, eta=args.eta, nthread=args.threads, seed=args.seed,
-        text_if_redundant=args.text_always, target=args.target,
+        d, use_text=not args.no_text, ensemble=args.ensemble, rounds=rounds, max_depth=max_depth, eta=eta,
+        nthread=args.threads, seed=args.seed, text_if_redundant=args.text_always, target=target,
     )
 
 
@@ -92,6 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tune:
         from scheduler.tuning import tune
 
+        print("choosing depth/rounds/eta/target by cross-validation on the dataset (--no-tune to skip)",
+              file=sys.stderr)
         config = tune(df, config, log=lambda msg: print(msg, file=sys.stderr)).config
     predictor = train_predictor(df, config)
     out = predictor.save(args.out)
