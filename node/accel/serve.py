@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=16, help="sessions per batched forward")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="new tokens per batched forward")
     parser.add_argument("--prefix-block", type=int, default=32, help="prefix-cache granularity in tokens")
+    parser.add_argument("--gather-ms", type=float, default=BatchPolicy.gather_ms,
+                        help="continuous batching: longest wait for the other open sessions")
+    parser.add_argument("--gap-ms", type=float, default=BatchPolicy.gap_ms,
+                        help="...cut short once no step arrived for this long")
+    parser.add_argument("--cohort-gap-ms", type=float, default=BatchPolicy.cohort_gap_ms,
+                        help="...or for this long once the first step's cohort is back")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated network delay added to each reply")
     return parser
 
@@ -57,7 +63,8 @@ async def serve(args: argparse.Namespace) -> None:
         start=start,
         end=end,
         weight_format=args.weight_format,
-        policy=BatchPolicy(max_seqs=args.max_batch, max_tokens=args.max_batch_tokens),
+        policy=BatchPolicy(max_seqs=args.max_batch, max_tokens=args.max_batch_tokens, gather_ms=args.gather_ms,
+                           gap_ms=args.gap_ms, cohort_gap_ms=args.cohort_gap_ms),
         prefix_block_tokens=args.prefix_block,
         host=args.host,
         port=args.port,
@@ -83,8 +90,8 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads < 0 or args.delay_ms < 0:
-        print("--threads and --delay-ms must be non-negative", file=sys.stderr)
+    if min(args.threads, args.delay_ms, args.gather_ms, args.gap_ms, args.cohort_gap_ms) < 0:
+        print("--threads, --delay-ms and the waits must be non-negative", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

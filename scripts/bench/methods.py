@@ -112,7 +112,8 @@ def quick_grid() -> list[Workload]:
 class ServerProcs:
     """Two block servers of one profile, as child processes."""
 
-    def __init__(self, model: Path, profile: Profile, splits: list[tuple[int, int]]) -> None:
+    def __init__(self, model: Path, profile: Profile, splits: list[tuple[int, int]],
+                 extra: tuple[str, ...] = ()) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.addresses: list[str] = []
         env = {**os.environ, "OMP_NUM_THREADS": str(profile.threads), "PYTHONPATH": str(ROOT)}
@@ -120,7 +121,7 @@ class ServerProcs:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "node.accel.serve", "--model", str(model), "--model-name", model.name,
                  "--blocks", f"{start}:{end}", "--weight-format", profile.weight_format,
-                 "--threads", str(profile.threads), "--delay-ms", str(profile.delay_ms)],
+                 "--threads", str(profile.threads), "--delay-ms", str(profile.delay_ms), *extra],
                 stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
             )
             self.procs.append(proc)
@@ -269,7 +270,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
             methods = ["baseline", "continuous_batching", "prefix_caching", "spec_ngram"]
         if args.methods:
             methods = args.methods.split(",")
-        servers = ServerProcs(model, profile, splits)
+        servers = ServerProcs(model, profile, splits, tuple(args.server_arg))
         chain = AccelChain(model_name=model.name, head=head,
                            hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)],
                            draft_drafter=draft)
@@ -314,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
     parser.add_argument("--workloads", default="", help="comma-separated workload names to keep (focused runs)")
     parser.add_argument("--methods", default="", help="comma-separated methods for every profile (focused runs)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra argument for every block server, e.g. --server-arg=--gap-ms=20 (experiments)")
     parser.add_argument("--profile-names", default="", help="comma-separated profiles to run instead of the first N")
     parser.add_argument("--merge", type=Path, default=None,
                         help="CSV of cells measured by an earlier run (other profiles) to include in the dataset")
