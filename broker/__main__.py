@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fixed-rule (default, no dependencies), metainf, or package.module:factory")
     run.add_argument("--scheduler-model", default="", help="model file or directory for a learned scheduler")
     run.add_argument("--max-in-flight", type=int, default=128, help="routed publishes awaiting confirms at once")
+    run.add_argument("--batch-routing", action="store_true",
+                     help="route the requests of one event-loop turn with one batched scheduler prediction (more "
+                          "requests/s with a learned scheduler; each request waits for its loop turn)")
     run.add_argument("--reputation-threshold", type=float, default=None,
                      help="nodes scoring below this in [0,1] get no work (default 0.5)")
     run.add_argument("--reputation-half-life", type=float, default=None,
@@ -127,6 +130,7 @@ async def _run(args: argparse.Namespace) -> int:
         dht=args.dht,
         static_groups=_static_groups(args.static_group),
         max_in_flight=args.max_in_flight,
+        batch_routing=args.batch_routing,
         reputation=reputation,
         **extra,
     )

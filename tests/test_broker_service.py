@@ -125,7 +125,8 @@ async def test_poison_message_hits_delivery_limit_and_the_rest_is_served(
     amqp_url, topology, agent, policy_class
 ) -> None:
     policy = policy_class()
-    async with BrokerService(config_for(amqp_url, topology), policy=policy) as service, \
+    config = config_for(amqp_url, topology, batch_routing=policy.batches)
+    async with BrokerService(config, policy=policy) as service, \
             StubGroup(amqp_url, topology, "g1") as stub:
         poison = await agent.submit(agent.request(prompt="poison pill"))
         behind = [await agent.submit(agent.request(prompt=f"after {i}")) for i in range(20)]

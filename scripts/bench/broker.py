@@ -318,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warm-texts", dest="warm_texts", action="store_false",
                         help="do not embed the prompt pool before measuring (a learned scheduler then runs without "
                              "text dims until the background encoder catches up)")
-    parser.add_argument("--no-batch-routing", dest="batch_routing", action="store_false",
-                        help="route every request on its own instead of one batched prediction per loop turn")
+    parser.add_argument("--batch-routing", action="store_true",
+                        help="route the requests of one loop turn with one batched prediction "
+                             "(BrokerConfig.batch_routing)")
     parser.add_argument("--max-in-flight", type=int, default=128)
     parser.add_argument("--backlog", type=int, default=2000, help="max requests published but not yet routed")
     parser.add_argument("--priorities", default="normal",
