@@ -75,7 +75,7 @@ async def test_members_generate_with_pushes_and_strangers_find_no_route(
     tiny_model_path: Path, private_swarm: list[BlockRecord]
 ) -> None:
     member = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=Records(private_swarm),
-                         config=ChainConfig(swarm_token=TOKEN))
+                         config=ChainConfig(swarm_token=TOKEN, push=True))
     stranger = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=Records(private_swarm),
                            config=ChainConfig(swarm_token="", route_attempts=1))
     try:

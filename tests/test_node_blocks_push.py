@@ -115,6 +115,7 @@ async def test_a_target_the_node_does_not_know_is_not_followed(pair) -> None:
     [PushTarget("127.0.0.1:1", "sb", 2, 9)],  # past the model's 4 blocks
     [PushTarget("no port", "sb", 2, 4)],
     [PushTarget("127.0.0.1:1", "", 2, 4)],
+    "unnumbered",  # a valid route on a step without a step_id
 ])
 async def test_malformed_routes_end_the_stream_with_invalid_argument(pair, route) -> None:
     a, _ = pair
@@ -122,7 +123,10 @@ async def test_malformed_routes_end_the_stream_with_invalid_argument(pair, route
     call = a.stub.Inference()
     await call.write(opening("sx", x[:, :4], 0, 2))
     await call.read()
-    await call.write(step(x[:, 4:], 4, 2, route))
+    if route == "unnumbered":
+        await call.write(step(x[:, 4:], 4, 0, [PushTarget("127.0.0.1:1", "sb", 2, 4)]))
+    else:
+        await call.write(step(x[:, 4:], 4, 2, route))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call.read()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -72,7 +72,10 @@ class ChainConfig:
     rtt_max_age_s: float = 60.0  # RTTs are re-measured when older
     costs: RouteCosts = field(default_factory=RouteCosts)
     max_message_bytes: int = 64 * 1024 * 1024 + MESSAGE_ENVELOPE_BYTES
-    push: bool = True  # hops push each step on to the next hop (False: the driver carries every hop: star)
+    # hops push each step on to the next hop; off by default (star: the driver carries every hop) because
+    # it measured no faster on a loaded 2-core loopback and slower on bandwidth-bound links, where each
+    # hop's answer to the driver competes with its push (docs/benchmarks.md, "Sharded chain")
+    push: bool = False
     # sent on every call (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
     swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
 

@@ -24,7 +24,7 @@ async def drive(args: argparse.Namespace) -> dict:
     dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=args.initial_peers, host=args.host,
                                   client_mode=True)
     engine = ChainEngine(model_path=args.model, model_name=args.name or Path(args.model).name, records=dht,
-                         config=ChainConfig(step_timeout_s=args.step_timeout, push=not args.no_push))
+                         config=ChainConfig(step_timeout_s=args.step_timeout, push=args.push))
     try:
         hops: list[str] = []
         tokens: list[int] = []
@@ -38,7 +38,7 @@ async def drive(args: argparse.Namespace) -> dict:
             stamps.append(time.perf_counter())
         per_token = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1) * 1000 if len(stamps) > 1 else 0.0
         return {"tokens": tokens, "hops": hops, "decode_ms_per_token": round(per_token, 3),
-                "push": not args.no_push}
+                "push": args.push}
     finally:
         await engine.close()
         await asyncio.to_thread(dht.shutdown)
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-ids", type=lambda s: [int(t) for t in s.split(",")], required=True)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--step-timeout", type=float, default=30.0)
-    parser.add_argument("--no-push", action="store_true", help="star mode: the driver carries every hop")
+    parser.add_argument("--push", action="store_true",
+                        help="hops push each step to the next hop (default: star, the driver carries every hop)")
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(drive(args))), flush=True)
     return 0

@@ -50,7 +50,9 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm-token", default=None,
                         help=f"shared secret every gRPC call must carry (default: ${SWARM_TOKEN_ENV}; unset = open)")
     parser.add_argument("--no-push", action="store_true",
-                        help="star mode only: never push outputs to the next hop, nor ask hops to (default: push)")
+                        help="never push outputs to the next hop, even when a driver asks (default: push when asked)")
+    parser.add_argument("--drive-push", action="store_true",
+                        help="as a driver, ask hops to push to each other (default: star mode)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
@@ -75,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         record_ttl_s=args.record_ttl,
         push=not args.no_push,
         swarm_token=token,
-        chain=ChainConfig(push=not args.no_push, swarm_token=token),
+        chain=ChainConfig(push=args.drive_push, swarm_token=token),
     )
 
 

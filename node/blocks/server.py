@@ -290,6 +290,8 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         """
         if self.caches.get(live.session_id) is None:
             raise StepError(grpc.StatusCode.ABORTED, f"session {live.session_id} expired; replay it")
+        if (pushed or step.route) and not step.step_id:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, "pushed steps and steps with a route need a step_id")
         if step.step_id and step.step_id <= live.last_step:
             if pushed:  # stale: the driver carried this step itself after a failure (or a cycle came back)
                 return

@@ -5,14 +5,15 @@ Measures, on one prompt:
 - ``local``: the same blocks through node.blocks.block_functions in this process (no network),
   which isolates what the network adds;
 - ``chain2`` / ``chain3``: ChainEngine driving 2 / 3 block-server processes found through
-  the real DHT, all on loopback, in push mode (each hop pushes its output to the next:
-  driver -> s1 -> s2 -> s3 -> driver, n + 1 messages per token);
-- ``chain2_star`` / ``chain3_star``: the same servers in star mode (the driver carries every
-  hop: driver -> s1 -> driver -> s2 -> ..., 2n messages per token).
+  the real DHT, all on loopback, in its default star mode (the driver carries every hop:
+  driver -> s1 -> driver -> s2 -> ..., 2n messages per token);
+- ``chain2_push`` / ``chain3_push``: the same servers in push mode (each hop pushes its output
+  to the next: driver -> s1 -> s2 -> s3 -> driver on the critical path, n + 1 messages, plus
+  each hop's answer to the driver off it).
 
 Decode speed is tokens/s after the first token (prefill excluded, reported apart).
 ``hop_overhead_ms`` = (chain3 per-token time - local per-token time) / 3: what one hop adds
-per token (push mode; ``hop_overhead_ms_star`` for star). The driver's own compute
+per token (default star mode; ``hop_overhead_ms_push`` for push mode). The driver's own compute
 (embedding, LM head) runs with ``--driver-threads`` torch threads, like ``local``.
 The last line is a JSON object.
 
@@ -177,7 +178,7 @@ async def run_all(
         engines = {
             f"{name}{suffix}": ChainEngine(model_path=str(model_dir), model_name=name, records=dht,
                                            config=ChainConfig(push=push))
-            for name in layouts for suffix, push in (("", True), ("_star", False))
+            for name in layouts for suffix, push in (("", False), ("_push", True))
         }
         runners: dict[str, object] = {"single": Single(model_dir), "local": Local(model_dir, threads)}
         runners.update({name: Chain(engine, driver_threads) for name, engine in engines.items()})
@@ -240,11 +241,11 @@ def main() -> int:
         "chain2_ratio": round(chain2 / single, 3),
         "chain3_ratio": round(chain3 / single, 3),
         "chain2_vs_local": round(chain2 / local, 3),
-        "chain2_star_tok_s": round(rate["chain2_star"], 2),
-        "chain3_star_tok_s": round(rate["chain3_star"], 2),
+        "chain2_push_tok_s": round(rate["chain2_push"], 2),
+        "chain3_push_tok_s": round(rate["chain3_push"], 2),
         "hop_overhead_ms_chain2": round((per_token["chain2"] - per_token["local"]) / 2, 3),
-        "hop_overhead_ms_star": round((per_token["chain3_star"] - per_token["local"]) / 3, 3),
-        "hop_overhead_ms_chain2_star": round((per_token["chain2_star"] - per_token["local"]) / 2, 3),
+        "hop_overhead_ms_push": round((per_token["chain3_push"] - per_token["local"]) / 3, 3),
+        "hop_overhead_ms_chain2_push": round((per_token["chain2_push"] - per_token["local"]) / 2, 3),
         "prefill_ms": prefill,
         "identical_tokens": len({tuple(t) for t in tokens.values()}) == 1,
         "hop_overhead_ms": round((per_token["chain3"] - per_token["local"]) / 3, 3),
@@ -256,7 +257,7 @@ def main() -> int:
         "loadavg_after": round(os.getloadavg()[0], 2),
     }
     print(f"single {single:.1f} tok/s | local blocks {local:.1f} | chain2 {chain2:.1f} | chain3 {chain3:.1f} | "
-          f"star: chain2 {rate['chain2_star']:.1f} chain3 {rate['chain3_star']:.1f}", file=sys.stderr)
+          f"push: chain2 {rate['chain2_push']:.1f} chain3 {rate['chain3_push']:.1f}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 
