@@ -94,6 +94,16 @@ def start_servers(model_path: Path | str, ranges: Sequence[str], **kwargs: objec
     return [first, *(wait_ready(s) for s in rest)]
 
 
+class FixedRecords:
+    """A ``RecordSource`` over a fixed list of block records (tests of the driver without a DHT)."""
+
+    def __init__(self, records: list) -> None:
+        self.records = records
+
+    async def block_records(self, model: str, num_blocks: int) -> list:
+        return self.records
+
+
 def reference_generate(model_path: Path | str, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy tokens of ``transformers`` ``generate`` on the whole model in this process."""
     import torch

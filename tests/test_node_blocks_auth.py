@@ -21,18 +21,10 @@ from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import encode_tensor
 from proto.errors import NoRouteError
 from proto.records import BlockRecord
-from tests.helpers_node import reference_generate
+from tests.helpers_node import FixedRecords, reference_generate
 
 TOKEN = "s3cret-swarm"
 PROMPT = (5, 17, 200, 33, 99)
-
-
-class Records:
-    def __init__(self, records: list[BlockRecord]) -> None:
-        self.records = records
-
-    async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]:
-        return self.records
 
 
 @pytest.fixture
@@ -74,9 +66,9 @@ async def test_calls_without_the_right_token_are_unauthenticated(private_swarm: 
 async def test_members_generate_with_pushes_and_strangers_find_no_route(
     tiny_model_path: Path, private_swarm: list[BlockRecord]
 ) -> None:
-    member = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=Records(private_swarm),
+    member = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=FixedRecords(private_swarm),
                          config=ChainConfig(swarm_token=TOKEN, push=True))
-    stranger = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=Records(private_swarm),
+    stranger = ChainEngine(model_path=str(tiny_model_path), model_name="tiny", records=FixedRecords(private_swarm),
                            config=ChainConfig(swarm_token="", route_attempts=1))
     try:
         tokens, pushed = [], 0

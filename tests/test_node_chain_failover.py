@@ -20,17 +20,10 @@ from node.blocks.server import BlockServicer, ServerLimits, start_grpc_server
 from node.engine import GenerationRequest
 from proto.errors import NoRouteError
 from proto.records import BlockRecord
+from tests.helpers_node import FixedRecords as Records
 from tests.helpers_node import reference_generate
 
 PROMPT = (5, 17, 200, 33, 99, 12, 7, 8)
-
-
-class Records:
-    def __init__(self, records: list[BlockRecord]) -> None:
-        self.records = records
-
-    async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]:
-        return self.records
 
 
 @pytest.fixture
