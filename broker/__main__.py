@@ -32,6 +32,10 @@ def _directory_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static-group", action="append", default=[], metavar="GROUP=MODEL[,MODEL]",
                         help="a consumer group that serves these models, without a DHT (repeatable), "
                         "e.g. --static-group cpu-fp32=tiny")
+    parser.add_argument("--group-methods", action="append", default=[], metavar="GROUP=METHOD[,METHOD]",
+                        help="the only acceleration methods a group's nodes run (repeatable), e.g. a vLLM group "
+                        "built for one method: --group-methods gpu-vllm=continuous_batching,dynamic_batching; "
+                        "other groups get every method, or what their DHT records announce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +94,16 @@ def _static_groups(specs: list[str]) -> dict[str, tuple[str, ...]]:
     return groups
 
 
+def _group_methods(specs: list[str]) -> dict[str, tuple[str, ...]]:
+    from broker.config import parse_group_methods
+
+    groups: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, methods = parse_group_methods(spec)
+        groups[name] = tuple(dict.fromkeys([*groups.get(name, ()), *methods]))
+    return groups
+
+
 async def _init(args: argparse.Namespace) -> int:
     import aio_pika
 
@@ -129,6 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
         initial_peers=tuple(args.initial_peers),
         dht=args.dht,
         static_groups=_static_groups(args.static_group),
+        group_methods=_group_methods(args.group_methods),
         max_in_flight=args.max_in_flight,
         batch_routing=args.batch_routing,
         reputation=reputation,
@@ -157,7 +172,8 @@ async def _status(args: argparse.Namespace) -> int:
     from broker.status import collect_status, format_status
 
     reader = await asyncio.to_thread(DhtNodeReader, args.initial_peers) if args.initial_peers else None
-    directory = GroupDirectory(_static_groups(args.static_group), reader=reader)
+    directory = GroupDirectory(_static_groups(args.static_group), reader=reader,
+                               group_methods=_group_methods(args.group_methods))
     try:
         await directory.refresh()
         status = await collect_status(amqp_url_from_env(args.amqp_url), Topology(args.namespace),

@@ -7,6 +7,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from proto.methods import METHODS
 from proto.settings import DEFAULT_AMQP_URL
 from proto.topology import DEFAULT_NAMESPACE, PRIORITIES, validate_name
 
@@ -55,6 +56,9 @@ class BrokerConfig:
     initial_peers: tuple[str, ...] = ()  # hivemind multiaddrs; empty and dht=False -> static directory only
     dht: bool = False  # start/join a DHT even without initial peers (prints its addresses)
     static_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> models served
+    # group -> the only methods its nodes run (a vLLM group is built for one method); absent = every method.
+    # For a DHT group the nodes' records may say the same; both apply.
+    group_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     directory_ttl_s: float = 3.0  # how long a DHT listing of groups is trusted before it is refreshed
     # -- consuming and publishing --
     prefetch: dict[str, int] = field(
@@ -80,6 +84,9 @@ class BrokerConfig:
             validate_name("group name", group)
             if not models:
                 raise ValueError(f"static group {group!r} serves no model; write GROUP=MODEL[,MODEL]")
+        for group, methods in self.group_methods.items():
+            validate_name("group name", group)
+            check_methods(f"group {group!r}", methods)
         for name, table in (("prefetch", self.prefetch), ("weights", self.weights)):
             missing = [p for p in PRIORITIES if table.get(p, 0) < 1]
             if missing:
@@ -92,6 +99,26 @@ class BrokerConfig:
     @property
     def use_dht(self) -> bool:
         return self.dht or bool(self.initial_peers)
+
+
+def check_methods(owner: str, methods: tuple[str, ...]) -> tuple[str, ...]:
+    """:raises ValueError: no method, or one that :data:`proto.methods.METHODS` does not know."""
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"{owner}: methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
+    return methods
+
+
+def parse_group_methods(text: str) -> tuple[str, tuple[str, ...]]:
+    """``GROUP=METHOD[,METHOD...]`` -> (group, methods).
+
+    :raises ValueError: naming the expected form or the unknown method.
+    """
+    group, sep, methods = text.partition("=")
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if not sep or not group.strip():
+        raise ValueError(f"--group-methods {text!r}: expected GROUP=METHOD[,METHOD...], e.g. gpu=continuous_batching")
+    return validate_name("group name", group.strip()), check_methods(f"--group-methods {text!r}", names)
 
 
 def parse_static_group(text: str) -> tuple[str, tuple[str, ...]]:

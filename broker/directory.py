@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ class GroupInfo:
     hardware: HardwareInfo = field(default_factory=HardwareInfo)
     source: str = "static"  # "static" | "dht"
     load: float = 0.0  # mean announced load of its nodes
+    methods: frozenset[str] = frozenset()  # the only methods its nodes run; empty = every method
+
+
+def common_methods(records: Iterable[NodeRecord]) -> frozenset[str]:
+    """Methods every announcing node of a group runs (a task may reach any of them through the group's
+    queue); nodes that announce none run every method and do not narrow the set."""
+    sets = [frozenset(r.methods) for r in records if r.methods]
+    return frozenset.intersection(*sets) if sets else frozenset()
 
 
 def groups_from_records(records: Iterable[NodeRecord]) -> list[GroupInfo]:
@@ -54,6 +63,7 @@ def groups_from_records(records: Iterable[NodeRecord]) -> list[GroupInfo]:
                 hardware=members[0].hardware,
                 source="dht",
                 load=sum(r.load for r in members) / len(members),
+                methods=common_methods(members),
             )
         )
     return groups
@@ -118,9 +128,13 @@ class GroupDirectory:
         *,
         reader: DhtNodeReader | None = None,
         ttl_s: float = 3.0,
+        group_methods: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
+        # operator-configured method sets (--group-methods) narrow static and DHT groups alike
+        self._group_methods = {g: frozenset(m) for g, m in (group_methods or {}).items()}
         self._static = [
-            GroupInfo(group=g, models=frozenset(models)) for g, models in sorted((static_groups or {}).items())
+            self._narrow(GroupInfo(group=g, models=frozenset(models)))
+            for g, models in sorted((static_groups or {}).items())
         ]
         self._reader = reader
         self._ttl_s = ttl_s
@@ -128,6 +142,13 @@ class GroupDirectory:
         self._by_model: dict[str, list[GroupInfo]] = {}
         self._task: asyncio.Task[None] | None = None
         self._rebuild()
+
+    def _narrow(self, info: GroupInfo) -> GroupInfo:
+        configured = self._group_methods.get(info.group)
+        if configured is None:
+            return info
+        methods = info.methods & configured if info.methods else configured
+        return dataclasses.replace(info, methods=methods)
 
     def _rebuild(self) -> None:
         by_model: dict[str, list[GroupInfo]] = {}
@@ -150,7 +171,7 @@ class GroupDirectory:
 
     def set_dht_records(self, records: Iterable[NodeRecord]) -> None:
         """Replace the DHT view (used by the refresher and by tests)."""
-        self._dht_groups = groups_from_records(records)
+        self._dht_groups = [self._narrow(g) for g in groups_from_records(records)]
         self._rebuild()
 
     async def refresh(self) -> None:

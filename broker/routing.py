@@ -76,10 +76,15 @@ class Router:
                 f"no live consumer group serves model {request.model!r}{where}; start a node with "
                 f"`dinet-node run --model {request.model}` or check `dinet-broker status`"
             )
-        methods = (request.method_hint,) if request.method_hint else self.methods
+        wanted = (request.method_hint,) if request.method_hint else self.methods
         threshold = self.ledger.config.threshold
         out: list[GroupCandidate] = []
+        without_method: list[str] = []
         for info in groups:
+            methods = tuple(m for m in wanted if m in info.methods) if info.methods else wanted
+            if not methods:  # e.g. a vLLM group built for another method than the hinted one
+                without_method.append(info.group)
+                continue
             nodes = info.nodes or tuple(self.ledger.nodes_of_group(info.group, now))
             reputations = {n: self.ledger.score(n, now) for n in nodes}
             trusted = tuple(n for n in nodes if reputations[n] >= threshold)
@@ -93,6 +98,11 @@ class Router:
                     reputations={n: reputations[n] for n in trusted},
                     methods=methods,
                 )
+            )
+        if not out and len(without_method) == len(groups):
+            raise NoRouteError(
+                f"no live group serving model {request.model!r} runs method {request.method_hint!r} "
+                f"(groups {', '.join(without_method)} run other methods); drop the method hint or pick another"
             )
         if not out:
             raise NoRouteError(

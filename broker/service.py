@@ -120,7 +120,9 @@ class BrokerService:
             reader = None
             if cfg.use_dht:
                 reader = await asyncio.to_thread(DhtNodeReader, cfg.initial_peers, start_swarm=cfg.dht)
-            self._directory = GroupDirectory(cfg.static_groups, reader=reader, ttl_s=cfg.directory_ttl_s)
+            self._directory = GroupDirectory(
+                cfg.static_groups, reader=reader, ttl_s=cfg.directory_ttl_s, group_methods=cfg.group_methods
+            )
         await self._directory.start()
         self.router = Router(self.policy, self._directory, self.ledger, broker_id=cfg.broker_id)
         if cfg.batch_routing and getattr(self.policy, "batches", False):

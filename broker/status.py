@@ -96,10 +96,11 @@ async def collect_status(
         groups: dict[str, dict[str, Any]] = {}
         for info in directory.all_groups() if directory else []:
             groups[info.group] = {"group": info.group, "models": sorted(info.models), "source": info.source,
-                                  "announced_nodes": list(info.nodes)}
+                                  "announced_nodes": list(info.nodes),
+                                  "methods": sorted(info.methods) or "all"}
         for row in table:
             groups.setdefault(row.group, {"group": row.group, "models": [], "source": "telemetry",
-                                          "announced_nodes": []})
+                                          "announced_nodes": [], "methods": "all"})
         recent = [r for r in recorder.reports if r[0] >= now - window_s]
         per_group = Counter(r[1] for r in recent)
         for name, entry in groups.items():
@@ -149,6 +150,8 @@ def format_status(status: dict[str, Any]) -> str:
     node_rows: list[list[Any]] = []
     for g in status["groups"]:
         models = ",".join(g["models"]) or "?"
+        if g.get("methods", "all") != "all":  # a group that runs only some methods (e.g. a vLLM group)
+            models += f" [{'+'.join(g['methods'])}]"
         if not g["nodes"]:
             node_rows.append([g["group"], models, g["source"], "-", "-", "-", "-", g["completed_per_s"]])
         for n in g["nodes"]:

@@ -92,6 +92,9 @@ class SchedulingPolicy(ABC):
 class FixedRulePolicy(SchedulingPolicy):
     """The walking skeleton's rule: baseline method on the group with the most nodes.
 
+    A group that runs only some methods (a vLLM group built for one) gets its first method instead, and
+    groups that run the baseline are preferred, so the rule never routes a method a group cannot run.
+
     Kept as the dependency-free default so broker tests run without XGBoost.
     """
 
@@ -103,5 +106,6 @@ class FixedRulePolicy(SchedulingPolicy):
                 f"no live consumer group serves model {request.model!r}; start a node with "
                 f"`dinet-node run --model {request.model}` or check `dinet-broker status`"
             )
-        best = max(candidates, key=lambda c: (len(c.nodes), c.group))
-        return Selection(method=DEFAULT_METHOD, group=best.group, scheduler=self.name)
+        best = max(candidates, key=lambda c: (DEFAULT_METHOD in c.methods, len(c.nodes), c.group))
+        method = DEFAULT_METHOD if DEFAULT_METHOD in best.methods else best.methods[0]
+        return Selection(method=method, group=best.group, scheduler=self.name)
