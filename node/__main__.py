@@ -64,8 +64,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
+    from node.blocks.auth import swarm_token_from_env
     from node.daemon import NodeConfig
 
+    if args.swarm_token is not None and args.blocks is None and not args.initial_peers:
+        raise ValueError("--swarm-token protects the block swarm; it needs --blocks or --initial-peers")
     return NodeConfig(
         model=args.model,
         model_name=args.model_name or Path(args.model.rstrip("/")).name,
@@ -89,6 +92,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         dht_port=args.dht_port,
         announce_host=args.announce_host,
         accelerated=args.accelerated,
+        draft_model=args.draft_model,
+        draft_weight_format=args.draft_weight_format,
+        swarm_token=swarm_token_from_env(args.swarm_token),
         engine=args.engine,
         vllm=_vllm_settings(args),
     )
@@ -137,6 +143,15 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     shard.add_argument("--accelerated", action="store_true",
                        help="serve blocks with the accelerated server (continuous batching, prefix cache; "
                        "see docs/methods.md)")
+    shard.add_argument("--draft-model", default="",
+                       help="draft model directory (same tokenizer as --model) the chain driver drafts spec_draft "
+                       "requests with; spec_draft is offered only with one (see docs/methods.md)")
+    shard.add_argument("--draft-weight-format", choices=["fp32", "bf16", "int8"], default="fp32",
+                       help="how the driver loads --draft-model (default: fp32)")
+    shard.add_argument("--swarm-token", default=None,
+                       help="shared secret of a private swarm: calls without it are refused, this node's calls "
+                       "carry it (default: $DINET_SWARM_TOKEN, which keeps it out of the process list; unset = "
+                       "open swarm)")
     run.add_argument("--engine", choices=["local", "vllm"], default="local",
                      help="local: dinet's torch code (the whole model, or blocks with --blocks/--initial-peers); "
                      "vllm: the whole model on a CUDA GPU with vLLM (pip install '.[vllm]') (default: local)")

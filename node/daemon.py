@@ -23,11 +23,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from node.blocks.auth import SWARM_TOKEN_ENV, check_swarm_token, swarm_token_from_env
 from node.dedup import CompletedLedger
 from node.engine import Engine
 from node.engines.vllm_options import VllmSettings
@@ -38,6 +39,9 @@ from proto.process import reap_children
 from proto.records import HardwareInfo
 from proto.settings import DEFAULT_AMQP_URL
 from proto.topology import DEFAULT_NAMESPACE, validate_name
+
+if TYPE_CHECKING:
+    from node.accel.draft import DraftModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,11 @@ class NodeConfig:
     dht_port: int = 0  # DHT port (0 = any free port)
     announce_host: str = ""  # address other nodes reach this one at, when not ``host`` (NAT, 0.0.0.0)
     accelerated: bool = False  # serve with node/accel's server: continuous batching + prefix cache
+    draft_model: str = ""  # the chain driver's draft model for spec_draft (a local dir, --model's tokenizer)
+    draft_weight_format: str = "fp32"  # fp32 | bf16 | int8: how the driver loads the draft model
+    # every gRPC call of the block swarm carries it and this node's server refuses calls without it
+    # (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm; never logged
+    swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
     engine: str = "local"  # "local" | "vllm" (whole model on a GPU; see node.engines)
     vllm: VllmSettings = field(default_factory=VllmSettings)  # used with engine="vllm"
 
@@ -91,6 +100,41 @@ class NodeConfig:
                 "--engine vllm serves the whole model on one GPU; drop --blocks, --initial-peers and --accelerated "
                 "(those are the CPU block chain's)"
             )
+        check_swarm_token(self.swarm_token)
+        if self.sharded and self.accelerated and self.swarm_token:
+            # fail closed: node/accel's server installs no token check, so it would serve strangers
+            raise ValueError(
+                f"--accelerated does not enforce a swarm token yet (docs/node-serving.md, \"Swarm token\"); "
+                f"drop --accelerated, or --swarm-token / {SWARM_TOKEN_ENV}"
+            )
+        self._check_draft_model()
+
+    def _check_draft_model(self) -> None:
+        """A draft model must exist and speak --model's token ids; checked here so a typo is exit 2 at start."""
+        if not self.draft_model:
+            return
+        if not self.sharded:
+            raise ValueError(
+                "--draft-model is for the block chain driver (--blocks / --initial-peers); "
+                "with --engine vllm use --vllm-draft-model"
+            )
+        if not Path(self.draft_model).is_dir():
+            raise ValueError(f"--draft-model {self.draft_model}: no such directory")
+        from node.accel.draft import check_draft_compatible
+        from node.accel.weights import check_weight_format
+
+        check_weight_format(self.draft_weight_format)
+        if Path(self.model).is_dir():  # a hub model is checked once downloaded, by the driver
+            check_draft_compatible(Path(self.draft_model), Path(self.model))
+
+    @property
+    def draft(self) -> DraftModelConfig | None:
+        """The driver's draft model configuration (None without --draft-model)."""
+        if not self.draft_model:
+            return None
+        from node.accel.draft import DraftModelConfig
+
+        return DraftModelConfig(Path(self.draft_model), weight_format=self.draft_weight_format)
 
     @property
     def weight_format(self) -> str:
@@ -282,6 +326,7 @@ def _max_positions(name_or_path: str) -> int:
 
 async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
     """Start the sharded serving side (node.blocks.launch), imported only when asked for."""
+    from node.blocks.chain_engine import ChainConfig
     from node.blocks.launch import ServingConfig, start_serving
 
     start, end = cfg.blocks if cfg.blocks is not None else (None, None)
@@ -297,6 +342,8 @@ async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
         announce_host=cfg.announce_host or None,
         initial_peers=tuple(cfg.initial_peers),
         weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype],
+        swarm_token=cfg.swarm_token,
+        chain=ChainConfig(swarm_token=cfg.swarm_token, draft_model=cfg.draft),
     )
     if cfg.accelerated:
         from node.accel.launch import start_accelerated_serving

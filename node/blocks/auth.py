@@ -84,5 +84,29 @@ def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((SWARM_TOKEN_HEADER, check_swarm_token(token)),) if token else ()
 
 
+class TokenStub:
+    """A ``BlockServiceStub`` whose every call carries the swarm token, whatever metadata its caller passes.
+
+    For callers outside this package that only take a stub (node/accel's chain driver, handed
+    :meth:`node.blocks.remote.ChannelPool.stub`): they pass their own metadata and know nothing of
+    the token. The token is added once; a caller that already sends it is left alone.
+    """
+
+    def __init__(self, stub: Any, token: str) -> None:
+        self._stub = stub
+        self._header = call_metadata(token)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        rpc = getattr(self._stub, name)
+
+        def call(*args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+            given = tuple(metadata or ())
+            if not any(key == SWARM_TOKEN_HEADER for key, _ in given):
+                given += self._header
+            return rpc(*args, metadata=given, **kwargs)
+
+        return call
+
+
 def server_interceptors(token: str) -> list[grpc.aio.ServerInterceptor] | None:
     return [SwarmTokenServerInterceptor(token)] if token else None

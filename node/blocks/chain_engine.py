@@ -23,9 +23,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import torch
@@ -49,6 +50,10 @@ from proto.errors import (
 )
 from proto.methods import METHODS
 from proto.records import BlockRecord
+
+if TYPE_CHECKING:  # node.accel is imported only when a method needs it
+    from node.accel.draft import DraftModelConfig
+    from node.accel.speculative import Drafter
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +83,8 @@ class ChainConfig:
     push: bool = False
     # sent on every call (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
     swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
+    # the draft model spec_draft requests are drafted with (node/accel/draft.py); None = spec_draft not offered
+    draft_model: DraftModelConfig | None = None
 
 
 @dataclass
@@ -215,7 +222,8 @@ class ChainEngine:
     """An :class:`~node.engine.Engine` over the swarm's block servers for one model."""
 
     # every method gives correct output over any server; batching and prefix reuse only pay off
-    # on accelerated servers (node/accel), speculative decoding and chunked prefill work everywhere
+    # on accelerated servers (node/accel), speculative decoding and chunked prefill work everywhere;
+    # spec_draft only with a draft model configured (ChainConfig.draft_model), see __init__
     methods: tuple[str, ...] = tuple(name for name in METHODS if name != "spec_draft")
 
     def __init__(
@@ -244,6 +252,15 @@ class ChainEngine:
         self._banned: dict[str, tuple[float, bool]] = {}  # peer -> (until, dead)
         self._rng = random.Random()
         self.sessions: set[ChainSession] = set()  # open sessions (observability: which peers serve what)
+        self._drafters: Callable[[], Drafter] | None = None  # the loaded draft model's per-request drafters
+        self._draft_lock = asyncio.Lock()
+        if self.config.draft_model is not None:
+            from node.accel.draft import check_draft_compatible
+
+            # cheap (config and tokenizer files), so a wrong draft model fails at start, not at the first
+            # request; the weights are loaded on first use, off the event loop
+            check_draft_compatible(Path(self.config.draft_model.model_path), Path(self.model_dir))
+            self.methods = tuple(METHODS)
 
     @property
     def driver(self) -> DriverParts:
@@ -258,8 +275,13 @@ class ChainEngine:
         prompt = list(request.prompt_ids)
         self._check_request(prompt, request.max_new_tokens)
         if request.method not in ("", "baseline"):  # acceleration methods: node/accel (docs/methods.md)
-            from node.accel.integration import generate_with_method
+            from node.accel.integration import accel_chain_for, generate_with_method
 
+            method = METHODS.get(request.method)  # an unknown name is the accel driver's to reject
+            if method is not None and method.speculative == "draft" and self.config.draft_model is not None:
+                chain = accel_chain_for(self)
+                if chain.draft_drafter is None:
+                    chain.draft_drafter = await self.draft_drafters()
             async for token in generate_with_method(self, request):
                 yield token
             return
@@ -283,6 +305,22 @@ class ChainEngine:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def draft_drafters(self) -> Callable[[], Drafter]:
+        """The configured draft model (loaded once, in a thread) as a factory of per-request drafters.
+
+        :raises ValueError: when no draft model is configured.
+        :raises node.accel.draft.DraftModelError: when it can no longer be loaded.
+        """
+        draft = self.config.draft_model
+        if draft is None:
+            raise ValueError("no draft model is configured (ChainConfig.draft_model)")
+        async with self._draft_lock:
+            if self._drafters is None:
+                from node.accel.draft import load_draft_model
+
+                self._drafters = await asyncio.to_thread(load_draft_model, draft, Path(self.model_dir))
+        return self._drafters
 
     # -- used by ChainSession ---------------------------------------------------------------------
 

@@ -17,12 +17,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import torch
 
-from node.blocks.auth import call_metadata
+from node.blocks.auth import TokenStub, call_metadata
 from node.blocks.push import PushTarget
 from node.blocks.routing import Hop
 from node.blocks.server import grpc_options
@@ -65,14 +65,18 @@ class ChannelPool:
     def __init__(self, max_message_bytes: int, *, swarm_token: str = "") -> None:
         self.max_message_bytes = max_message_bytes
         self.metadata = call_metadata(swarm_token)  # every call carries it (node/blocks/auth.py)
+        self._token = swarm_token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> blocks_pb2_grpc.BlockServiceStub:
+        """The peer's stub; in a private swarm every call through it carries the token, even from callers
+        that pass metadata of their own without it (node/accel's driver, via ``ChainEngine``)."""
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_message_bytes))
             self._channels[address] = channel
-        return blocks_pb2_grpc.BlockServiceStub(channel)
+        stub = blocks_pb2_grpc.BlockServiceStub(channel)
+        return cast(blocks_pb2_grpc.BlockServiceStub, TokenStub(stub, self._token)) if self._token else stub
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
