@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import common_pb2 as proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/blocks.proto\x12\x08\x64inet.v1\x1a\x12proto/common.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"i\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12 \n\x06hidden\x18\x04 \x01(\x0b\x32\x10.dinet.v1.Tensor\"3\n\x0f\x46orwardResponse\x12 \n\x06hidden\x18\x01 \x01(\x0b\x32\x10.dinet.v1.Tensor\"Y\n\nPushTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\"\xe7\x01\n\rInferenceStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12 \n\x06hidden\x18\x05 \x01(\x0b\x32\x10.dinet.v1.Tensor\x12\x10\n\x08position\x18\x06 \x01(\r\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05\x63lose\x18\x08 \x01(\x08\x12\x0f\n\x07step_id\x18\t \x01(\x04\x12#\n\x05route\x18\n \x03(\x0b\x32\x14.dinet.v1.PushTarget\"\x90\x01\n\x13InferenceStepResult\x12 \n\x06hidden\x18\x01 \x01(\x0b\x32\x10.dinet.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x12\n\npush_error\x18\x05 \x01(\t\x12\x10\n\x08rejected\x18\x06 \x01(\t\"\x1c\n\x0bPushReceipt\x12\r\n\x05steps\x18\x01 \x01(\x04\"\r\n\x0bInfoRequest\"\xe0\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12+\n\x08hardware\x18\x06 \x01(\x0b\x32\x19.dinet.v1.HardwareProfile\x12\x18\n\x10throughput_tok_s\x18\x07 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r2\x84\x02\n\x0c\x42lockService\x12>\n\x07\x46orward\x12\x18.dinet.v1.ForwardRequest\x1a\x19.dinet.v1.ForwardResponse\x12G\n\tInference\x12\x17.dinet.v1.InferenceStep\x1a\x1d.dinet.v1.InferenceStepResult(\x01\x30\x01\x12\x38\n\x04Push\x12\x17.dinet.v1.InferenceStep\x1a\x15.dinet.v1.PushReceipt(\x01\x12\x31\n\x04Info\x12\x15.dinet.v1.InfoRequest\x1a\x12.dinet.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/blocks.proto\x12\x08\x64inet.v1\x1a\x12proto/common.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"i\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12 \n\x06hidden\x18\x04 \x01(\x0b\x32\x10.dinet.v1.Tensor\"3\n\x0f\x46orwardResponse\x12 \n\x06hidden\x18\x01 \x01(\x0b\x32\x10.dinet.v1.Tensor\"Y\n\nPushTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\"\xe7\x01\n\rInferenceStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12 \n\x06hidden\x18\x05 \x01(\x0b\x32\x10.dinet.v1.Tensor\x12\x10\n\x08position\x18\x06 \x01(\r\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05\x63lose\x18\x08 \x01(\x08\x12\x0f\n\x07step_id\x18\t \x01(\x04\x12#\n\x05route\x18\n \x03(\x0b\x32\x14.dinet.v1.PushTarget\"\x90\x01\n\x13InferenceStepResult\x12 \n\x06hidden\x18\x01 \x01(\x0b\x32\x10.dinet.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x12\n\npush_error\x18\x05 \x01(\t\x12\x10\n\x08rejected\x18\x06 \x01(\t\"3\n\tStepBatch\x12&\n\x05steps\x18\x01 \x03(\x0b\x32\x17.dinet.v1.InferenceStep\"w\n\x0f\x42\x61tchStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1d.dinet.v1.InferenceStepResult\x12\x12\n\nerror_code\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"=\n\x0fStepBatchResult\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.dinet.v1.BatchStepResult\"\x1c\n\x0bPushReceipt\x12\r\n\x05steps\x18\x01 \x01(\x04\"\r\n\x0bInfoRequest\"\xe0\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12+\n\x08hardware\x18\x06 \x01(\x0b\x32\x19.dinet.v1.HardwareProfile\x12\x18\n\x10throughput_tok_s\x18\x07 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r2\xca\x02\n\x0c\x42lockService\x12>\n\x07\x46orward\x12\x18.dinet.v1.ForwardRequest\x1a\x19.dinet.v1.ForwardResponse\x12G\n\tInference\x12\x17.dinet.v1.InferenceStep\x1a\x1d.dinet.v1.InferenceStepResult(\x01\x30\x01\x12\x38\n\x04Push\x12\x17.dinet.v1.InferenceStep\x1a\x15.dinet.v1.PushReceipt(\x01\x12\x31\n\x04Info\x12\x15.dinet.v1.InfoRequest\x1a\x12.dinet.v1.NodeInfo\x12\x44\n\x0eInferenceBatch\x12\x13.dinet.v1.StepBatch\x1a\x19.dinet.v1.StepBatchResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,12 +44,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESTEP']._serialized_end=589
   _globals['_INFERENCESTEPRESULT']._serialized_start=592
   _globals['_INFERENCESTEPRESULT']._serialized_end=736
-  _globals['_PUSHRECEIPT']._serialized_start=738
-  _globals['_PUSHRECEIPT']._serialized_end=766
-  _globals['_INFOREQUEST']._serialized_start=768
-  _globals['_INFOREQUEST']._serialized_end=781
-  _globals['_NODEINFO']._serialized_start=784
-  _globals['_NODEINFO']._serialized_end=1008
-  _globals['_BLOCKSERVICE']._serialized_start=1011
-  _globals['_BLOCKSERVICE']._serialized_end=1271
+  _globals['_STEPBATCH']._serialized_start=738
+  _globals['_STEPBATCH']._serialized_end=789
+  _globals['_BATCHSTEPRESULT']._serialized_start=791
+  _globals['_BATCHSTEPRESULT']._serialized_end=910
+  _globals['_STEPBATCHRESULT']._serialized_start=912
+  _globals['_STEPBATCHRESULT']._serialized_end=973
+  _globals['_PUSHRECEIPT']._serialized_start=975
+  _globals['_PUSHRECEIPT']._serialized_end=1003
+  _globals['_INFOREQUEST']._serialized_start=1005
+  _globals['_INFOREQUEST']._serialized_end=1018
+  _globals['_NODEINFO']._serialized_start=1021
+  _globals['_NODEINFO']._serialized_end=1245
+  _globals['_BLOCKSERVICE']._serialized_start=1248
+  _globals['_BLOCKSERVICE']._serialized_end=1578
 # @@protoc_insertion_point(module_scope)

@@ -87,6 +87,30 @@ class InferenceStepResult(_message.Message):
     rejected: str
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., pushed: _Optional[bool] = ..., push_error: _Optional[str] = ..., rejected: _Optional[str] = ...) -> None: ...
 
+class StepBatch(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[InferenceStep]
+    def __init__(self, steps: _Optional[_Iterable[_Union[InferenceStep, _Mapping]]] = ...) -> None: ...
+
+class BatchStepResult(_message.Message):
+    __slots__ = ("session_id", "result", "error_code", "error")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    result: InferenceStepResult
+    error_code: int
+    error: str
+    def __init__(self, session_id: _Optional[str] = ..., result: _Optional[_Union[InferenceStepResult, _Mapping]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StepBatchResult(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchStepResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchStepResult, _Mapping]]] = ...) -> None: ...
+
 class PushReceipt(_message.Message):
     __slots__ = ("steps",)
     STEPS_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class BlockServiceStub:
                 request_serializer=proto_dot_blocks__pb2.InfoRequest.SerializeToString,
                 response_deserializer=proto_dot_blocks__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.InferenceBatch = channel.stream_stream(
+                '/dinet.v1.BlockService/InferenceBatch',
+                request_serializer=proto_dot_blocks__pb2.StepBatch.SerializeToString,
+                response_deserializer=proto_dot_blocks__pb2.StepBatchResult.FromString,
+                _registered_method=True)
 
 
 class BlockServiceServicer:
@@ -84,6 +89,13 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferenceBatch(self, request_iterator, context):
+        """Batched steps of many sessions per message (accelerated servers; others answer UNIMPLEMENTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +118,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=proto_dot_blocks__pb2.InfoRequest.FromString,
                     response_serializer=proto_dot_blocks__pb2.NodeInfo.SerializeToString,
+            ),
+            'InferenceBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferenceBatch,
+                    request_deserializer=proto_dot_blocks__pb2.StepBatch.FromString,
+                    response_serializer=proto_dot_blocks__pb2.StepBatchResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +233,33 @@ class BlockService:
             '/dinet.v1.BlockService/Info',
             proto_dot_blocks__pb2.InfoRequest.SerializeToString,
             proto_dot_blocks__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dinet.v1.BlockService/InferenceBatch',
+            proto_dot_blocks__pb2.StepBatch.SerializeToString,
+            proto_dot_blocks__pb2.StepBatchResult.FromString,
             options,
             channel_credentials,
             insecure,

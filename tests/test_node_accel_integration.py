@@ -58,7 +58,9 @@ async def test_every_method_through_the_chain_engine_matches_greedy(tiny_model_p
                            "all"):
                 outs = await asyncio.gather(*(generate(engine, p, method) for p in PROMPTS))
                 assert outs == expected, method
-            assert all(s.servicer.batcher.stats.max_batch > 1 for s in chain.servers)
+            # continuous batching went in batched messages; with two sessions over two hops the driver
+            # pipelines them (one group per hop), so forwards hold one session each here
+            assert all(s.servicer.batch_messages > 0 for s in chain.servers)
             assert all(s.servicer.prefix_cache.stats.hits > 0 for s in chain.servers)
         finally:
             await engine.close()

@@ -38,6 +38,7 @@ class _Pending:
     window_s: float
     arrival: float
     future: asyncio.Future[torch.Tensor]
+    grouped: bool = False  # came with its companions in one batched message: nobody else to wait for
 
 
 @dataclass
@@ -146,6 +147,25 @@ class StepBatcher:
         self._wake.set()
         return await future
 
+    def submit_group(self, items: list[StepItem]) -> list[asyncio.Future[torch.Tensor]]:
+        """Queue the steps of one batched message; they run as soon as the loop is free, without gathering.
+
+        The sender already collected every step it had ready, so waiting for stragglers would only
+        delay them. Steps of other sessions pending at that moment join the same forward.
+        """
+        if self._task is None:
+            raise RuntimeError("StepBatcher.start() was not called")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures: list[asyncio.Future[torch.Tensor]] = []
+        for item in items:
+            future: asyncio.Future[torch.Tensor] = loop.create_future()
+            self._pending.append(_Pending(item, False, 0.0, now, future, grouped=True))
+            futures.append(future)
+        self._last_submit = now
+        self._wake.set()
+        return futures
+
     def _batchable(self) -> list[_Pending]:
         seen: set[int] = set()
         out = []
@@ -168,6 +188,12 @@ class StepBatcher:
         first = self._pending[0]
         if first.solo or self.policy.max_seqs == 1:
             return [first]
+        if first.grouped:  # a batched message: run what is here now
+            batchable = self._batchable()
+            if not batchable:  # cancelled meanwhile
+                return [first]
+            idx = plan_batch([c.item.hidden.shape[0] for c in batchable], self.policy)
+            return [batchable[i] for i in idx]
         window_end = first.arrival + first.window_s  # dynamic batching: a fixed wait
         gather_end = first.arrival + self.policy.gather_ms / 1000.0
         gap = self.policy.gap_ms / 1000.0

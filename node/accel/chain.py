@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from node.accel.batch_link import BatchLink, StepGate
 from node.accel.batching import plan_chunks
 from node.accel.chain_session import ChainSession, Head, Hop, HopError, LogitsBatcher
 from node.accel.prefix_cache import prefix_block_hashes
@@ -78,6 +79,8 @@ class AccelChain:
         step_timeout_s: float = 60.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         prefix_answer_s: float = 0.5,
+        batched_steps: bool = True,
+        pipeline_groups: int = 0,
     ) -> None:
         if (hops is None) == (route is None):
             raise ValueError("give either a fixed chain (hops) or a route function, not both")
@@ -107,6 +110,13 @@ class AccelChain:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._logits = LogitsBatcher(head, window_s=0.003)
         self._draft_pool: ThreadPoolExecutor | None = None  # draft-model forwards run here, off the event loop
+        # continuous batching: one InferenceBatch stream per hop carries all sessions' steps (batch_link.py)
+        self.batched_steps = batched_steps
+        if pipeline_groups < 0:
+            raise ValueError("pipeline_groups must be >= 0 (0 = one group per hop)")
+        self.pipeline_groups = pipeline_groups  # groups a hop's batched sessions are split into; 0 = one per hop
+        self._gate = StepGate()
+        self._links: dict[Hop, BatchLink] = {}
 
     def _check_cover(self, hops: list[Hop]) -> None:
         expected = 0
@@ -124,7 +134,19 @@ class AccelChain:
             self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
         return blocks_pb2_grpc.BlockServiceStub(self._channels[address])
 
+    def _link(self, hop: Hop) -> BatchLink:
+        link = self._links.get(hop)
+        if link is None:
+            stub = self._stub(hop.address)
+            link = BatchLink(hop, stub.InferenceBatch, self._gate, timeout_s=self.step_timeout_s)
+            self._links[hop] = link
+        return link
+
     async def close(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        self._gate.links.clear()
+        for link in links:
+            await link.close()
         if self._draft_pool is not None:
             self._draft_pool.shutdown(wait=False, cancel_futures=True)
             self._draft_pool = None
@@ -139,10 +161,20 @@ class AccelChain:
         metadata: list[tuple[str, str]] = [(MD_METHOD, method.name)]
         if hashes:
             metadata += [(MD_PREFIX_BLOCK, str(self.prefix_block_tokens)), (MD_PREFIX_HASHES, ",".join(hashes))]
-        calls = [self._stub(hop.address).Inference(metadata=tuple(metadata)) for hop in hops]
+        links: list[tuple[BatchLink, int] | None] = [None] * len(hops)
+        if self.batched_steps and method.continuous_batching and not hashes:
+            self._gate.depth = self.pipeline_groups or len(hops)
+            for i, hop in enumerate(hops):
+                link = self._link(hop)
+                if not link.unsupported:  # a plain block server: per-session stream below
+                    links[i] = (link, link.ensure_open())
+        calls = [
+            None if link is not None else self._stub(hop.address).Inference(metadata=tuple(metadata))
+            for hop, link in zip(hops, links, strict=True)
+        ]
         hit = len(hashes) * self.prefix_block_tokens
         for hop, call in zip(hops, calls, strict=True):
-            if not hashes:
+            if not hashes or call is None:  # (batch links carry no prefix hashes)
                 break  # nothing to ask: plain servers send no metadata before their first reply
             try:
                 answer = dict(await asyncio.wait_for(call.initial_metadata(), self.prefix_answer_s) or ())
@@ -150,10 +182,13 @@ class AccelChain:
                 answer = {}
             except grpc.aio.AioRpcError as exc:
                 for c in calls:
-                    c.cancel()
+                    if c is not None:
+                        c.cancel()
                 raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=True) from None
             hit = min(hit, int(str(answer.get(MD_PREFIX_HIT, "0")) or 0))
-        return ChainSession(self.model_name, hops, calls, max_length, self.step_timeout_s, self._logits), hit
+        session = ChainSession(self.model_name, hops, calls, max_length, self.step_timeout_s, self._logits,
+                               links=links, gate=self._gate)
+        return session, hit
 
     async def _step(self, run: _Run, tokens: list[int], position: int) -> torch.Tensor:
         """One chain pass of ``tokens`` at ``position``, moving to a new route when a hop fails."""
@@ -167,6 +202,12 @@ class AccelChain:
                     run.needs_replay = False
                 return await run.session.step(self.head.embed_tokens(tokens), position)
             except HopError as exc:
+                link = self._links.get(exc.hop)
+                if link is not None and link.unsupported and exc.retryable:  # not a failure: reopen unbatched
+                    if run.session is not None:
+                        await run.session.close()
+                    run.session, run.needs_replay = None, position > 0
+                    continue
                 if not exc.retryable or run.restarts >= self.max_restarts:
                     raise
                 run.restarts += 1
@@ -176,6 +217,10 @@ class AccelChain:
                 run.session, run.needs_replay = None, position > 0
                 if self.on_hop_failure is not None:
                     await self.on_hop_failure(exc.hop)
+
+    def _gate_of(self, run: _Run) -> StepGate | None:
+        """The gate that counts ``run``'s waits, when its steps go through batch links."""
+        return self._gate if run.session is not None and run.session.gate is not None else None
 
     def _drafter(self, method: AccelerationMethod) -> Drafter | None:
         if method.speculative == "draft":
@@ -232,7 +277,7 @@ class AccelChain:
             for s, e in plan_chunks(len(prompt) - start, method.prefill_chunk):
                 out = await self._step(run, prompt[start + s : start + e], start + s)
             position = len(prompt)  # tokens in every hop's cache
-            token = pick((await self._logits.logits(out[-1:]))[0])
+            token = pick((await self._logits.logits(out[-1:], self._gate_of(run)))[0])
             run.committed.append(token)
             generated = 1
             yield token
@@ -241,10 +286,10 @@ class AccelChain:
                 drafts = await self._propose(drafter, list(run.committed), min(k, budget))
                 out = await self._step(run, [token, *drafts], position)
                 if drafts:
-                    verdict = verify_greedy(drafts, await self._logits.logits(out))
+                    verdict = verify_greedy(drafts, await self._logits.logits(out, self._gate_of(run)))
                     new, position = verdict.tokens, position + 1 + verdict.accepted
                 else:
-                    new, position = [pick((await self._logits.logits(out[-1:]))[0])], position + 1
+                    new, position = [pick((await self._logits.logits(out[-1:], self._gate_of(run)))[0])], position + 1
                 for token in new:
                     run.committed.append(token)
                     generated += 1

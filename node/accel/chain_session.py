@@ -46,6 +46,14 @@ class Head(Protocol):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [n, hidden] -> [n, vocab]
 
 
+class Parking(Protocol):
+    """Counts sessions that wait for a reply (:class:`node.accel.batch_link.StepGate`)."""
+
+    def park(self) -> None: ...
+
+    def unpark(self) -> None: ...
+
+
 class HopError(RuntimeError):
     """A hop failed or answered something inconsistent; ``retryable`` says whether a new route may help."""
 
@@ -59,14 +67,21 @@ class ChainSession:
     """Inference streams to every hop, walked in order for every step."""
 
     def __init__(self, model: str, hops: Sequence[Hop], calls: list[Any], max_length: int, timeout_s: float,
-                 logits: LogitsBatcher | None = None) -> None:
+                 logits: LogitsBatcher | None = None, links: Sequence[tuple[Any, int] | None] | None = None,
+                 gate: Any = None) -> None:
         self.model = model
         self.hops = list(hops)
-        self.calls = calls
+        self.calls = calls  # per hop: its Inference stream, or None where the hop is reached through a link
+        # per hop: (BatchLink, its stream generation) when the steps go in batched messages (InferenceBatch)
+        self.links = list(links) if links is not None else [None] * len(self.hops)
         self.max_length = max_length
         self.timeout_s = timeout_s
         self.session_id = uuid.uuid4().hex
         self.logits = logits  # told while this session waits for the last hop, so it knows whom to wait for
+        self.gate = gate if any(link is not None for link in self.links) else None  # StepGate of the links
+        self._closed = False
+        if self.gate is not None:
+            self.gate.session_opened()
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """[n, hidden] after ``position`` cached tokens -> [n, hidden] out of the last block.
@@ -74,7 +89,7 @@ class ChainSession:
         :raises HopError: naming the hop that failed.
         """
         last = len(self.hops) - 1
-        for i, (hop, call) in enumerate(zip(self.hops, self.calls, strict=True)):
+        for i, (hop, call, link) in enumerate(zip(self.hops, self.calls, self.links, strict=True)):
             message = blocks_pb2.InferenceStep(
                 session_id=self.session_id, model=self.model, start_block=hop.start, end_block=hop.end,
                 hidden=encode_tensor(hidden.unsqueeze(0)), position=position, max_length=self.max_length,
@@ -82,9 +97,12 @@ class ChainSession:
             if i == last and self.logits is not None:
                 self.logits.awaiting_last_hop += 1
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    await call.write(message)
-                    reply = await call.read()
+                if link is not None:  # raises HopError itself
+                    reply = await link[0].step(message, link[1])
+                else:
+                    async with asyncio.timeout(self.timeout_s):
+                        await call.write(message)
+                        reply = await call.read()
             except TimeoutError:
                 raise HopError(hop, f"no reply within {self.timeout_s:.1f} s", retryable=True) from None
             except grpc.aio.AioRpcError as exc:
@@ -108,7 +126,17 @@ class ChainSession:
         return hidden
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.gate is not None:
+            self.gate.session_closed()
+        for link in self.links:
+            if link is not None:
+                link[0].close_session(self.session_id, link[1])
         for call in self.calls:
+            if call is None:
+                continue
             try:
                 await asyncio.wait_for(call.done_writing(), 1.0)
             except Exception:  # the stream may already be gone; nothing to release on our side
@@ -131,10 +159,11 @@ class LogitsBatcher:
         self.open_sessions = 0
         self.awaiting_last_hop = 0  # sessions whose step is at the chain's last hop right now
         self._pending: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
+        self._parked: dict[int, Parking] = {}  # id(future) -> the gate that counts its waiter as parked
         self._timer: asyncio.TimerHandle | None = None
 
-    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab]."""
+    async def logits(self, hidden: torch.Tensor, gate: Parking | None = None) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab]; while waiting for companions the caller counts as parked on ``gate``."""
         if self.open_sessions <= 1:
             return self.head.logits(hidden)
         loop = asyncio.get_running_loop()
@@ -142,9 +171,21 @@ class LogitsBatcher:
         self._pending.append((hidden, future))
         if len(self._pending) >= self.open_sessions or self.awaiting_last_hop == 0:
             self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.window_s, self._flush)
-        return await future
+        else:
+            if self._timer is None:
+                self._timer = loop.call_later(self.window_s, self._flush)
+            if gate is not None:
+                self._parked[id(future)] = gate
+                gate.park()
+        try:
+            return await future
+        finally:
+            self._unpark(future)
+
+    def _unpark(self, future: asyncio.Future[torch.Tensor]) -> None:
+        gate = self._parked.pop(id(future), None)
+        if gate is not None:
+            gate.unpark()
 
     def poke(self) -> None:
         """A session left the last hop (with a reply or an error): flush if nobody else is coming."""
@@ -160,6 +201,8 @@ class LogitsBatcher:
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, []
+        for _, future in pending:  # their waiters are about to run again
+            self._unpark(future)
         live = [(h, f) for h, f in pending if not f.done()]
         if not live:
             return

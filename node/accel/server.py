@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from node.accel.batch_stream import serve_batch_stream
 from node.accel.batcher import StepBatcher
 from node.accel.batching import BatchPolicy
 from node.accel.executor import BlockExecutor
@@ -111,6 +112,7 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         self.prefix_cache = PrefixCache(block_tokens=config.prefix_block_tokens, max_bytes=config.prefix_cache_bytes)
         self.reserved_bytes = 0
         self.active_sessions = 0
+        self.batch_messages = 0  # StepBatch messages served on InferenceBatch streams
         self.limits = TensorLimits(max_bytes=config.max_message_bytes)
 
     @property
@@ -228,6 +230,13 @@ class AccelBlockServicer(blocks_pb2_grpc.BlockServiceServicer):
             self.reserved_bytes -= reserved
             if lease is not None:
                 self.prefix_cache.release(lease)
+
+    async def InferenceBatch(
+        self, request_iterator: AsyncIterator[blocks_pb2.StepBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[blocks_pb2.StepBatchResult]:
+        """Many sessions' steps per message (:mod:`node.accel.batch_stream`)."""
+        async for reply in serve_batch_stream(self, request_iterator, context):
+            yield reply
 
     def _open_session(self, step: blocks_pb2.InferenceStep, lease: PrefixLease | None) -> tuple[SequenceKV, int]:
         max_length = step.max_length or self.config.max_session_length

@@ -273,7 +273,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
         servers = ServerProcs(model, profile, splits, tuple(args.server_arg))
         chain = AccelChain(model_name=model.name, head=head,
                            hops=[Hop(a, s, e) for a, (s, e) in zip(servers.addresses, splits, strict=True)],
-                           draft_drafter=draft)
+                           draft_drafter=draft, pipeline_groups=args.cb_groups,
+                           batched_steps=not args.per_session_steps)
         try:
             warm = Workload(1, 32, 0.0, 4)
             await run_cell(chain, source.prompts(warm, 2), warm, "baseline", args)  # warm-up
@@ -303,8 +304,16 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few cells on one profile (minutes)")
+    parser.add_argument("--per-session-steps", action="store_true",
+                        help="continuous batching without batched messages (one Inference stream per session: "
+                             "the scheduling before InferenceBatch, for comparison)")
+    parser.add_argument("--cb-groups", type=int, default=0,
+                        help="continuous batching: groups the driver splits its sessions into (0 = one per hop)")
     parser.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "small")
-    parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "methods")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the dataset and plot go (default .cache/bench/methods; focused runs, i.e. "
+                             "--workloads or --methods, default to .cache/bench/methods/focused so they never "
+                             "overwrite a full run's dataset)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: OUT/methods_throughput.png)")
     parser.add_argument("--window-s", type=float, default=3.0,
                         help="decode window per cell, after every request has its first token")
@@ -338,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {args.model} missing; build it: .venv/bin/dinet-node make-model {args.model} --preset small",
               file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = ROOT / ".cache" / "bench" / "methods"
+        if args.workloads or args.methods:
+            args.out = args.out / "focused"
     started = args.started = time.perf_counter()
     print(f"# methods benchmark, loadavg {os.getloadavg()[0]:.2f}", flush=True)
     rows = asyncio.run(bench(args))
