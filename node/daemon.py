@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from node.blocks.auth import SWARM_TOKEN_ENV, check_swarm_token, swarm_token_from_env
+from node.blocks.auth import check_swarm_token, swarm_token_from_env
 from node.dedup import CompletedLedger
 from node.engine import Engine
 from node.engines.vllm_options import VllmSettings
@@ -101,12 +101,6 @@ class NodeConfig:
                 "(those are the CPU block chain's)"
             )
         check_swarm_token(self.swarm_token)
-        if self.sharded and self.accelerated and self.swarm_token:
-            # fail closed: node/accel's server installs no token check, so it would serve strangers
-            raise ValueError(
-                f"--accelerated does not enforce a swarm token yet (docs/node-serving.md, \"Swarm token\"); "
-                f"drop --accelerated, or --swarm-token / {SWARM_TOKEN_ENV}"
-            )
         self._check_draft_model()
 
     def _check_draft_model(self) -> None:

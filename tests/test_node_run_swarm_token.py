@@ -1,5 +1,6 @@
-"""`dinet-node run --blocks --swarm-token`: the node's block server refuses callers without the token and serves
-those with it; the token never appears in its log; flags that cannot honour a token are refused at start."""
+"""`dinet-node run --blocks --swarm-token` (plain or `--accelerated` server): the node's block server refuses callers
+without the token and serves those with it; the token never appears in its log; flags that cannot honour a token are
+refused at start."""
 
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ async def _read_until(stream: asyncio.StreamReader, lines: list[str], pattern: r
             return found
 
 
+@pytest.mark.parametrize("server", ["plain", "accelerated"])
 async def test_a_private_node_refuses_drivers_without_the_token_and_serves_members(
-    amqp_url: str, topology: Topology, tiny_model_path: Path, tmp_path: Path
+    amqp_url: str, topology: Topology, tiny_model_path: Path, tmp_path: Path, server: str
 ) -> None:
+    accelerated = ("--accelerated",) if server == "accelerated" else ()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "node", "run", "--model", str(tiny_model_path), "--model-name", "tiny",
         "--group", "private", "--namespace", topology.namespace, "--state-dir", str(tmp_path), "--threads", "1",
-        "--telemetry-lookback-s", "0", "--blocks", "0:4", "--swarm-token", TOKEN,
+        "--telemetry-lookback-s", "0", "--blocks", "0:4", "--swarm-token", TOKEN, *accelerated,
         cwd=ROOT, env={**os.environ, "DINET_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )
@@ -88,7 +91,6 @@ async def test_a_private_node_refuses_drivers_without_the_token_and_serves_membe
     [
         (("--blocks", "0:4", "--swarm-token", "has space"), "", "printable ASCII"),
         (("--swarm-token", TOKEN), "", "--swarm-token protects the block swarm; it needs --blocks"),
-        (("--blocks", "0:4", "--accelerated"), TOKEN, "--accelerated does not enforce a swarm token yet"),
     ],
 )
 def test_dinet_node_run_refuses_a_token_it_cannot_honour(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -76,7 +76,7 @@ async def start_accelerated_serving(
                 prefix_block_tokens=options.prefix_block_tokens, prefix_cache_bytes=options.prefix_cache_bytes,
                 cache_budget_bytes=config.cache_bytes, session_idle_s=config.session_ttl_s,
                 max_session_length=min(config.limits.max_length, int(executor.config.max_position_embeddings)),
-                host=config.host, port=config.port,
+                host=config.host, port=config.port, swarm_token=config.swarm_token,
             ),
             executor=executor,
         )
@@ -97,8 +97,10 @@ async def start_accelerated_serving(
                           ttl_s=config.record_ttl_s)
     try:
         await announcer.start()
+        # the driver carries the swarm's token on every call, as node.blocks.launch does
+        chain = config.chain if config.chain.swarm_token else replace(config.chain, swarm_token=config.swarm_token)
         engine = ChainEngine(model_path=str(model_dir), model_name=config.model_name, records=swarm,
-                             config=config.chain, weight_format=config.weight_format)
+                             config=chain, weight_format=config.weight_format)
     except BaseException:
         await announcer.close(withdraw=False)
         await server.close(grace=0)

@@ -35,6 +35,7 @@ from node.accel.batching import BatchPolicy
 from node.accel.executor import BlockExecutor
 from node.accel.kv import SequenceKV
 from node.accel.prefix_cache import PrefixCache, PrefixLease
+from node.blocks.auth import server_interceptors
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
 from proto.methods import METHODS
@@ -68,6 +69,8 @@ class AccelServerConfig:
     reply_delay_s: float = 0.0  # emulated network delay added before each step's reply (benchmarks only)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
+    # shared secret of a private swarm (node/blocks/auth.py): calls without it get UNAUTHENTICATED; "" = open
+    swarm_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ class AccelBlockServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=server_interceptors(config.swarm_token))
         blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{config.host}:{config.port}")
         await server.start()
