@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.accel.speculative import DraftModelDrafter, NgramDrafter, verify_greedy
+from node.accel.speculative import DraftLength, DraftModelDrafter, NgramDrafter, verify_greedy
 
 
 def one_hot_logits(tokens: list[int], vocab: int = 16) -> torch.Tensor:
@@ -64,3 +64,22 @@ def test_draft_model_drafter_proposes_what_the_model_itself_would_generate(tiny_
     assert drafter.propose(prompt + expected[:4], 4) == expected[4:8]
     # and a context that diverges is handled by cropping
     assert drafter.propose(prompt, 2) == expected[:2]
+
+
+def test_draft_length_grows_while_drafts_are_accepted_and_shrinks_when_none_is():
+    length = DraftLength(4)
+    assert (length.now, length.most) == (4, 8)
+    length.update(proposed=4, accepted=4)
+    assert length.now == 8
+    length.update(proposed=8, accepted=8)
+    assert length.now == 8  # bounded by twice the method's draft_tokens
+    length.update(proposed=8, accepted=3)
+    assert length.now == 8  # partly right: keep the length
+    length.update(proposed=8, accepted=0)
+    length.update(proposed=4, accepted=0)
+    length.update(proposed=2, accepted=0)
+    length.update(proposed=1, accepted=0)
+    assert length.now == 1  # never below one draft
+    length.update(proposed=0, accepted=0)  # the drafter found nothing: no evidence either way
+    assert length.now == 1
+    assert DraftLength(0).now == 0 and DraftLength(0).most == 0  # methods without speculation

@@ -35,7 +35,7 @@ from node.accel.batching import plan_chunks
 from node.accel.chain_session import ChainSession, Head, Hop, HopError, LogitsBatcher
 from node.accel.prefix_cache import prefix_block_hashes
 from node.accel.server import MD_METHOD, MD_PREFIX_BLOCK, MD_PREFIX_HASHES, MD_PREFIX_HIT
-from node.accel.speculative import Drafter, NgramDrafter, verify_greedy
+from node.accel.speculative import Drafter, DraftLength, NgramDrafter, verify_greedy
 from node.engine import GenerationRequest
 from node.sampling import choose_next_token, make_generator
 from proto import blocks_pb2_grpc
@@ -254,7 +254,9 @@ class AccelChain:
             raise ValueError("need a non-empty prompt and max_new_tokens >= 1")
         drafter = self._drafter(method) if request.temperature <= 0.0 else None  # speculation is greedy-only
         k = max(0, method.draft_tokens) if drafter is not None else 0
-        run = _Run(method=method, max_length=len(prompt) + request.max_new_tokens + k + 1, committed=list(prompt))
+        draft_length = DraftLength(k)
+        run = _Run(method=method, max_length=len(prompt) + request.max_new_tokens + draft_length.most + 1,
+                   committed=list(prompt))
         hashes: list[str] = []
         if method.prefix_caching:  # never the whole prompt: its last token must be computed for logits
             usable = (len(prompt) - 1) // self.prefix_block_tokens
@@ -283,10 +285,11 @@ class AccelChain:
             yield token
             while generated < request.max_new_tokens and token != request.eos_token_id:
                 budget = request.max_new_tokens - generated - 1
-                drafts = await self._propose(drafter, list(run.committed), min(k, budget))
+                drafts = await self._propose(drafter, list(run.committed), min(draft_length.now, budget))
                 out = await self._step(run, [token, *drafts], position)
                 if drafts:
                     verdict = verify_greedy(drafts, await self._logits.logits(out, self._gate_of(run)))
+                    draft_length.update(proposed=len(drafts), accepted=verdict.accepted)
                     new, position = verdict.tokens, position + 1 + verdict.accepted
                 else:
                     new, position = [pick((await self._logits.logits(out[-1:], self._gate_of(run)))[0])], position + 1
