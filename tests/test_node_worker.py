@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from node.worker import TaskWorker
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.topology import Topology
@@ -26,6 +27,17 @@ from tests.helpers_worker import (  # noqa: F401 (fixtures)
     tiny_engine,
     tiny_tokenizer,
 )
+
+
+async def stats_settle(worker: TaskWorker, **expected: int) -> None:
+    """Wait until the worker's counters read ``expected``: it counts a task after its reply is published and
+    the delivery settled, so a test that has just seen the reply may look a moment too early."""
+    stats = worker.stats
+    for _ in range(200):
+        if all(getattr(stats, name) == value for name, value in expected.items()):
+            return
+        await asyncio.sleep(0.05)
+    assert {name: getattr(stats, name) for name in expected} == expected
 
 
 @pytest.fixture
@@ -80,7 +92,7 @@ async def test_streams_chunks_and_result_equal_to_transformers_greedy(
         assert result.node_id == "node-a" and result.group == GROUP and result.method == "baseline"
         assert result.timing.new_tokens == 20 and result.timing.prompt_tokens == len(tiny_tokenizer.encode(prompt))
         assert 0 < result.timing.ttft_s <= result.timing.total_s
-        assert worker.stats.completed == 1
+        await stats_settle(worker, completed=1)
         reports = await read_telemetry(connection, topology, expect=1)
     report = reports[0]
     assert report.request_id == "r1" and report.ok and report.node_id == "node-a"
@@ -149,7 +161,7 @@ async def test_request_past_its_deadline_is_not_computed(
         result = replies.result_of("late")
         assert not result.ok and result.error.code == ErrorCode.DEADLINE_EXCEEDED
         assert replies.chunks == []
-        assert worker.stats.completed == 0 and worker.stats.failed == 1
+        await stats_settle(worker, completed=0, failed=1)
         assert len(await dead_letters(connection, topology, 1)) == 1
 
 
@@ -259,7 +271,7 @@ async def test_missing_reply_queue_dead_letters_the_task(
         orphan = make_request(topology, topology.reply_queue("nobody-here"), request_id="orphan")
         await publish_task(connection, topology, routed(orphan).SerializeToString())
         assert len(await dead_letters(connection, topology, 1)) == 1
-        assert worker.stats.dead_lettered == 1 and worker.stats.completed == 0
+        await stats_settle(worker, dead_lettered=1, completed=0)
 
 
 class _BuiltForOneMethod:
