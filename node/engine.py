@@ -33,3 +33,24 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[int]: ...
 
     async def close(self) -> None: ...
+
+
+def wants_tokens(request: GenerationRequest, max_positions: int, *, closed: bool) -> bool:
+    """The checks every engine makes before generating: False when no token is asked for.
+
+    The worker validates requests first; engines check again because other callers (drivers, tests,
+    benchmarks) reach them directly.
+
+    :raises RuntimeError: the engine is closed.
+    :raises ValueError: an empty prompt, or prompt + new tokens beyond ``max_positions`` (0 = no limit).
+    """
+    if closed:
+        raise RuntimeError("engine is closed")
+    if not request.prompt_ids:
+        raise ValueError("empty prompt")
+    if request.max_new_tokens <= 0:
+        return False
+    total = len(request.prompt_ids) + request.max_new_tokens
+    if max_positions and total > max_positions:
+        raise ValueError(f"prompt + max_new_tokens = {total} exceeds the engine's {max_positions} positions")
+    return True

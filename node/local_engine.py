@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from node.engine import GenerationRequest
+from node.engine import GenerationRequest, wants_tokens
 from node.sampling import choose_next_token, make_generator
 
 logger = logging.getLogger(__name__)
@@ -117,15 +117,8 @@ class LocalEngine:
         :raises ValueError: when the prompt is empty or prompt + new tokens exceed the model's
             positions (the worker validates first; this guards other callers).
         """
-        if self._closed:
-            raise RuntimeError("engine is closed")
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
-        if request.max_new_tokens <= 0:
+        if not wants_tokens(request, self.max_positions, closed=self._closed):
             return
-        total = len(request.prompt_ids) + request.max_new_tokens
-        if self.max_positions and total > self.max_positions:
-            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's {self.max_positions} positions")
         loop = asyncio.get_running_loop()
         token, seq = await loop.run_in_executor(self._executor, self._prefill, request)
         produced = 1

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from node.engine import GenerationRequest
+from node.engine import GenerationRequest, wants_tokens
 from node.engines.vllm_options import (
     VllmEngineOptions,
     VllmSettings,
@@ -114,15 +114,8 @@ class VllmEngine:
 
         :raises ValueError: an empty prompt, or prompt + new tokens beyond the engine's context.
         """
-        if self._closed:
-            raise RuntimeError("engine is closed")
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
-        if request.max_new_tokens <= 0:
+        if not wants_tokens(request, self.max_positions, closed=self._closed):
             return
-        total = len(request.prompt_ids) + request.max_new_tokens
-        if self.max_positions and total > self.max_positions:
-            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the engine's {self.max_positions} positions")
         if self._api is None:
             self._api = VllmApi.load()
         api = self._api
