@@ -32,30 +32,42 @@ class PrefixTracker:
         self._block = block
         self._max_blocks = max_blocks
         self._window = window
-        self._counts: dict[tuple[str, int], int] = {}
-        self._recent: deque[list[tuple[str, int]]] = deque()
+        # model -> prefix hash -> how many of the recent requests have that prefix (int keys: cheap to hash,
+        # and one dict lookup per model instead of a (model, hash) tuple per prefix: this runs per request)
+        self._counts: dict[str, dict[int, int]] = {}
+        self._recent: deque[tuple[str, list[int]]] = deque()
 
     def observe(self, model: str, prompt: str) -> float:
-        keys = [
-            (model, hash(prompt[: self._block * (i + 1)]))
-            for i in range(min(self._max_blocks, len(prompt) // self._block))
-        ]
+        block = self._block
+        keys = [hash(prompt[: block * (i + 1)]) for i in range(min(self._max_blocks, len(prompt) // block))]
+        counts = self._counts.get(model)
+        if counts is None:
+            counts = self._counts[model] = {}
         matched = 0
         for i, key in enumerate(keys):
-            if key not in self._counts:
+            if key not in counts:
                 break
-            matched = (i + 1) * self._block
+            matched = (i + 1) * block
         for key in keys:
-            self._counts[key] = self._counts.get(key, 0) + 1
-        self._recent.append(keys)
+            counts[key] = counts.get(key, 0) + 1
+        self._recent.append((model, keys))
         if len(self._recent) > self._window:
-            for key in self._recent.popleft():
-                left = self._counts[key] - 1
-                if left:
-                    self._counts[key] = left
-                else:
-                    del self._counts[key]
+            self._forget(*self._recent.popleft())
         return matched / len(prompt) if prompt else 0.0
+
+    def _forget(self, model: str, keys: list[int]) -> None:
+        """Drop one old request's prefixes (and the model's table once it is empty)."""
+        if not keys:  # a prompt shorter than a block: nothing counted (its model may have no table now)
+            return
+        counts = self._counts[model]
+        for key in keys:
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+        if not counts:
+            del self._counts[model]
 
 
 def request_features(

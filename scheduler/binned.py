@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -163,8 +163,14 @@ class PairScorer:
         *,
         finish: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None,
         memo_size: int = 4096,
+        cross_values: Callable[[np.ndarray], np.ndarray] | None = None,
+        cross_index: Sequence[int] = (),
     ) -> None:
-        """``finish`` turns (k, pairs, n_members) sums into per-request arrays (k, ...) worth memoising."""
+        """``finish`` turns (k, pairs, n_members) sums into per-request arrays (k, ...) worth memoising.
+
+        ``cross_values`` (FeatureSpace.cross_task_values: (k, n_task) -> (k, n_ct), elementwise per column) and
+        ``cross_index`` (the task column behind each g_j) enable :meth:`predict_one`, the single-request path.
+        """
         self.binned = b = binned
         self._finish = finish or (lambda sums: (sums,))
         self.n_task = n_task
@@ -221,8 +227,18 @@ class PairScorer:
                 rows[-1, k] = b.offsets[c + 1] - 1
             self._union.append([float(v) for v in union])
             self._union_rows.append(rows)
+        # the same as Python lists, for one request at a time: task offsets, and per g_j and union bin the
+        # rows of its F crosses
+        self._task_offset_list = [int(v) for v in self._task_offsets]
+        self._union_row_lists = [rows.tolist() for rows in self._union_rows]
         self._off_masks: dict[bytes, np.ndarray] = {}  # NaN pattern of g -> (G, T) masks of the "off" crosses
         self._ones_row = np.full((1, b.n_trees), b.ones, b.dtype)
+        # single-request path: per g_j, task value -> union bin, filled by the caller's own cross_values
+        self._cross_values = cross_values
+        self._cross_index = [int(c) for c in cross_index]
+        if cross_values is not None and len(self._cross_index) != n_ct:
+            raise ValueError(f"cross_index names {len(self._cross_index)} task columns, the crosses use {n_ct}")
+        self._cross_bins: list[dict[float, int]] = [{} for _ in range(n_ct)]
         self._memo: OrderedDict[tuple[int, ...], tuple[np.ndarray, ...]] = OrderedDict()
         self._memo_size = memo_size
         self.hits = 0
@@ -279,12 +295,56 @@ class PairScorer:
             nan[:, j] = ub == len(table) - 1
         return rows, nan
 
+    CROSS_CACHE = 8192  # distinct task values remembered per g_j (then the cache starts over)
+
+    def key(self, task: Sequence[float]) -> tuple[int, ...]:
+        """The memo key (what :meth:`_bins` gives) of one request, from its task block as Python floats
+        that are float32 values (e.g. ``array('f', values).tolist()``).
+
+        Why: for one request the numpy calls of building the block and ``cross_values`` cost more than
+        the trees' lookups. The bins of g_j are cached per task value, each computed by ``cross_values``
+        itself on a one-row block, so the key is the one the array path computes, bit for bit.
+        """
+        cross = self._cross_values
+        if cross is None:
+            raise RuntimeError("this PairScorer was built without cross_values; use predict(task, g)")
+        out = [nan if v != v else bisect.bisect_right(th, v)
+               for v, th, nan in zip(task, self._task_thr, self._task_nan, strict=True)]
+        for j, col in enumerate(self._cross_index):
+            v = task[col]
+            if v != v:  # NaN stays NaN on the cross scale (max and log2 propagate it)
+                out.append(len(self._union[j]) + 1)
+                continue
+            got = self._cross_bins[j].get(v)
+            if got is None:
+                got = self._cross_bin(j, col, v, cross)
+            out.append(got)
+        return tuple(out)
+
+    def _cross_bin(self, j: int, col: int, value: float, cross: Callable[[np.ndarray], np.ndarray]) -> int:
+        row = np.full((1, self.n_task), np.nan, np.float32)
+        row[0, col] = value
+        g = float(cross(row)[0, j])
+        got = len(self._union[j]) + 1 if g != g else bisect.bisect_right(self._union[j], g)
+        cache = self._cross_bins[j]
+        if len(cache) >= self.CROSS_CACHE:
+            cache.clear()
+        cache[value] = got
+        return got
+
+    def predict_one(self, task: Sequence[float]) -> tuple[np.ndarray, ...]:
+        """:meth:`predict` for one request given as :meth:`key` takes it (no numpy on a memo hit)."""
+        return self.predict_keys([self.key(task)])[0]
+
     def predict(self, task: np.ndarray, g: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         """Per request, ``finish`` applied to its (pairs, n_members) sums; memoised per bin vector.
 
         ``task``: (k, n_task) float32 task blocks; ``g``: (k, n_ct) their values on the cross scale.
         """
-        keys = self._bins(task, g)
+        return self.predict_keys(self._bins(task, g))
+
+    def predict_keys(self, keys: list[tuple[int, ...]]) -> list[tuple[np.ndarray, ...]]:
+        """Per memo key (bin vector), ``finish`` applied to its (pairs, n_members) sums."""
         k = len(keys)
         out: list[tuple[np.ndarray, ...] | None] = [None] * k
         todo = []
@@ -299,8 +359,11 @@ class PairScorer:
         self.hits += k - len(todo)
         if todo:
             self.misses += len(todo)
-            rows, nan = self._rows(np.array([keys[i] for i in todo], np.intp))
-            finished = self._finish(self._compute(rows, nan))
+            if len(todo) == 1 and self.n_flags:
+                sums = self._compute_one(keys[todo[0]])
+            else:
+                sums = self._compute(*self._rows(np.array([keys[i] for i in todo], np.intp)))
+            finished = self._finish(sums)
             for n, i in enumerate(todo):
                 result = tuple(a[n] for a in finished)
                 out[i] = result
@@ -333,6 +396,28 @@ class PairScorer:
         masks = pattern.transpose(1, 0, 2)[:, self.pattern_of]  # (k, P, T)
         masks &= self.base
         return b.sums(masks)
+
+    def _compute_one(self, key: tuple[int, ...]) -> np.ndarray:
+        """:meth:`_compute` of ``_rows`` for one memo key, with a third of the numpy calls (one gather of every
+        table row the request selects, rows built from Python lists). The masks AND the same rows, so the
+        leaves, and the sums, are the ones :meth:`_compute` finds."""
+        b = self.binned
+        nt, n_ct, n_flags = self.n_task, self.n_ct, self.n_flags
+        rows = [off + k for off, k in zip(self._task_offset_list, key[:nt], strict=True)]
+        nan = []
+        for j, table in enumerate(self._union_row_lists):
+            ub = key[nt + j]
+            rows += table[ub]  # flag-major below: row nt + j * F + k is cross (k, j)
+            nan.append(ub == len(table) - 1)
+        got = b.table[rows]  # (nt + n_ct * F, T)
+        on_flag = np.empty((n_flags + 1, b.n_trees), b.dtype)
+        np.bitwise_and.reduce(got[nt:].reshape(n_ct, n_flags, b.n_trees), axis=0, out=on_flag[:n_flags])
+        np.bitwise_and.reduce(got[:nt], axis=0, out=on_flag[n_flags])  # the pad slot: the task features
+        pattern = np.bitwise_and.reduce(on_flag[self._on_index], axis=1)  # (G, T)
+        pattern &= self._off(np.asarray(nan, bool))
+        masks = pattern[self.pattern_of]  # (P, T)
+        masks &= self.base
+        return b.sums(masks[None])
 
     def stats(self) -> dict[str, Any]:
         return {"memo_hits": self.hits, "memo_misses": self.misses, "memo_size": len(self._memo)}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class _Plan:
     complete: bool  # False while a hardware text embedding is still being computed
     scorer: PairScorer | None  # the pairs' fixed features folded into leaf masks (None: walk the trees)
     groups: list[str]  # pair -> group name
+    all_feasible: np.ndarray  # (pairs,) all True, read-only: the feasibility of every pair without a budget
 
 
 @dataclass
@@ -175,9 +177,12 @@ class MetaInfPolicy(SchedulingPolicy):
         flags = block[:, space.flag_index] if space.n_cross else np.zeros((len(rows), 0), np.float32)
         scorer = None
         if self._binned is not None and rows:
-            scorer = PairScorer(self._binned, space.n_task, block, flags, finish=self._finish)
+            scorer = PairScorer(self._binned, space.n_task, block, flags, finish=self._finish,
+                                cross_values=space.cross_task_values, cross_index=space.cross_task_index.tolist())
+        all_feasible = np.ones(len(rows), bool)
+        all_feasible.flags.writeable = False
         plan = _Plan(methods, np.asarray(groups, np.int64), block, np.asarray(prices, np.float64), flags, complete,
-                     scorer, [candidates[i].group for i in groups])
+                     scorer, [candidates[i].group for i in groups], all_feasible)
         if complete:
             self._plans[key] = plan
             self._last_plan = (key, plan)
@@ -187,12 +192,13 @@ class MetaInfPolicy(SchedulingPolicy):
 
     def _finish(self, sums: np.ndarray) -> tuple[np.ndarray, ...]:
         """(k, pairs, members) sums -> mean log tps, its spread, tps, predicted runtime (NaN without a
-        runtime model) and the optimistic bonus, each (k, pairs): everything request-independent given the bins."""
+        runtime model), the optimistic bonus and mean log + bonus (the score before reputation), each
+        (k, pairs): everything request-independent given the bins, so memoised with them."""
         pred = self.predictor.split(sums)
         mean_log, std_log = pred.mean_log, pred.std_log
         runtime = np.exp(pred.runtime_log) if pred.runtime_log is not None else np.full_like(mean_log, np.nan)
         bonus = np.minimum(self.config.ucb_kappa * std_log, self.config.ucb_cap)
-        return mean_log, std_log, np.exp(mean_log), runtime, bonus
+        return mean_log, std_log, np.exp(mean_log), runtime, bonus, mean_log + bonus
 
     def _task_dims(self, text: str) -> np.ndarray | None:
         """Projected LM dims of a task text, or None (then NaN, which training's text dropout prepared for).
@@ -231,9 +237,29 @@ class MetaInfPolicy(SchedulingPolicy):
                 vec[len(space.task_cols) :] = dims
         return vec
 
+    def _task_values(self, request: RequestFeatures) -> list[float]:
+        """:meth:`_task_block` as Python floats holding float32 values (the memo key's input, no numpy)."""
+        space = self._space
+        text = request.task_text
+        values = (
+            request.prompt_tokens, request.max_new_tokens, request.shared_prefix_ratio, request.concurrency,
+            repetition(text) if text else math.nan,
+        )
+        vec = [math.nan] * space.n_task
+        for i, j in self._task_slots:
+            vec[j] = values[i]
+        if space.task_text is not None and text:
+            dims = self._task_dims(text)
+            if dims is not None:
+                vec[len(space.task_cols) :] = dims.tolist()
+        return array("f", vec).tolist()  # C float casts: the values a float32 block holds
+
     def _predict(self, plan: _Plan, requests: Sequence[RequestFeatures]) -> list[tuple[np.ndarray, ...]]:
         """Per request: mean log tps, spread, tps, runtime, bonus over the plan's pairs (one batched prediction)."""
         space = self._space
+        if plan.scorer is not None:  # memo keys straight from Python values: the same bins, no numpy per request
+            scorer = plan.scorer
+            return scorer.predict_keys([scorer.key(self._task_values(r)) for r in requests])
         tasks = np.stack([self._task_block(r) for r in requests])
         g = space.cross_task_values(tasks)
         if plan.scorer is not None:
@@ -253,15 +279,13 @@ class MetaInfPolicy(SchedulingPolicy):
         self, plan: _Plan, request: RequestFeatures, candidates: Sequence[GroupCandidate], pred: tuple[np.ndarray, ...]
     ) -> ScoredPairs:
         """Steps 2-3 of Algorithm 2 from the plan's prediction for this request."""
-        mean_log, std_log, tps, runtime_pred, bonus = pred
-        n = len(plan.methods)
+        _, std_log, tps, runtime_pred, _, score = pred
         # runtime: the runtime model, or (without runtime_s in the data) output tokens / predicted tokens/s
         runtime = runtime_pred if self.predictor.runtime_model is not None else max(1, request.max_new_tokens) / tps
         cost = plan.price_per_s * runtime
-        feasible = cost <= request.budget if request.budget > 0 else np.ones(n, bool)
+        feasible = cost <= request.budget if request.budget > 0 else plan.all_feasible
         cfg = self.config
         log_reps = [math.log(max(c.reputation, cfg.min_reputation)) for c in candidates]
-        score = mean_log + bonus
         if cfg.reputation_weight and any(log_reps):
             score = score + cfg.reputation_weight * np.asarray(log_reps)[plan.group_idx]
         return ScoredPairs(plan.methods, plan.groups, tps, std_log, runtime, cost, feasible, score)
@@ -275,10 +299,15 @@ class MetaInfPolicy(SchedulingPolicy):
         return self._scored(plan, request, candidates, self._predict(plan, [request])[0])
 
     def select(self, request: RequestFeatures, candidates: Sequence[GroupCandidate]) -> Selection:
-        result = self.select_many([(request, candidates)])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        """:meth:`select_many` for one request, without its window bookkeeping (the broker's default path)."""
+        if not candidates:
+            raise no_candidates(request)
+        check_budget(request.budget)
+        plan = self._plan(candidates)
+        if not plan.methods:  # no method the model can describe: the rules decide
+            return self._fallback.select(request, candidates)
+        pred = self._predict(plan, [request])[0]
+        return self._pick(request, self._scored(plan, request, candidates, pred))
 
     def select_many(
         self, items: Sequence[tuple[RequestFeatures, Sequence[GroupCandidate]]]
@@ -331,7 +360,8 @@ class MetaInfPolicy(SchedulingPolicy):
                 f"cheapest is {s.methods[i]} on {s.groups[i]} at {s.cost[i]:.3g}. Raise the budget or send 0 "
                 "for no limit"
             )
-        pick = int(np.argmax(np.where(s.feasible, s.score, -np.inf)))
+        # without a budget every pair is feasible (_scored): no mask to apply
+        pick = int(np.argmax(np.where(s.feasible, s.score, -np.inf) if request.budget > 0 else s.score))
         explored = False
         cfg = self.config
         if cfg.epsilon > 0 and request.priority in cfg.explore_priorities and self._rng.random() < cfg.epsilon:

@@ -269,6 +269,18 @@ def test_prefix_tracker_measures_shared_prefixes() -> None:
     assert tracker.observe("other-model", prompt) == 0.0
 
 
+def test_prefix_tracker_forgets_what_left_its_window() -> None:
+    tracker = PrefixTracker(block=8, window=3)
+    prompt = "You are a helpful assistant. Answer briefly."
+    assert tracker.observe("m", prompt) == 0.0
+    assert tracker.observe("m", prompt) == 40 / len(prompt)  # five whole blocks seen before
+    for _ in range(3):  # three prompts shorter than a block, of another model, fill the window
+        assert tracker.observe("s", "short") == 0.0
+    assert tracker.observe("m", prompt) == 0.0  # the earlier ones left the window
+    assert tracker.observe("m", prompt) == 40 / len(prompt)
+    assert tracker.observe("m", prompt) == 40 / len(prompt)
+
+
 # -- directory -------------------------------------------------------------------------------
 def test_dht_records_are_validated_and_grouped() -> None:
     good = NodeRecord(peer_id="p1", address="a:1", group="g1", models=("tiny",), start_block=0, end_block=2)

@@ -160,3 +160,64 @@ def test_a_window_of_requests_selects_what_one_by_one_selection_does(trained: Me
         if request.budget:
             continue
         assert result == alone.select(request, groups)
+
+
+def _edge_requests(scorer: PairScorer, n: int, seed: int) -> list[RequestFeatures]:
+    """Requests whose numbers sit on, just below and just above the trees' thresholds (float64 values that
+    round to a float32 threshold included), with and without task text."""
+    rng = np.random.default_rng(seed)
+    thr = scorer._task_thr
+
+    def near(j: int, fallback: float) -> float:
+        if not thr[j] or rng.random() < 0.2:
+            return fallback
+        t = float(rng.choice(thr[j]))
+        return float(rng.choice([t, t - 1e-12, t + 1e-12, np.nextafter(np.float32(t), np.float32(np.inf)), t - 1]))
+
+    texts = ["", "Fill in the CSV rows", "def f(x):\n    return x\n" * 5, "Write a short story"]
+    return [RequestFeatures(model="m", prompt_tokens=max(0, int(near(0, float(rng.integers(1, 5000))))),
+                            max_new_tokens=max(1, int(near(1, float(rng.choice([16, 128, 512]))))),
+                            shared_prefix_ratio=min(1.0, max(0.0, near(2, rng.random()))),
+                            concurrency=max(0, int(near(3, float(rng.integers(0, 200))))),
+                            task_text=texts[i % len(texts)])
+            for i in range(n)]
+
+
+def test_single_request_memo_key_is_the_bins_of_the_float32_task_block(trained: MetaPredictor) -> None:
+    """The broker keys one request's prediction from Python floats (no numpy); it must be the key the
+    array path (float32 task block -> cross_task_values -> bins) gives, thresholds and rounding included."""
+    policy = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
+    plan = policy._plan(candidates(4))
+    scorer = plan.scorer
+    assert scorer is not None
+    space = trained.space
+    for request in _edge_requests(scorer, 600, seed=11):
+        block = policy._task_block(request)[None]
+        expected = scorer._bins(block, space.cross_task_values(block))[0]
+        assert scorer.key(policy._task_values(request)) == expected, request
+
+
+def test_one_request_miss_computes_the_batched_sums(trained: MetaPredictor) -> None:
+    """A memo miss of one request takes a shorter numpy path; its sums equal the batched path's bit for bit
+    (and, through the leaf-mask test above, the trees')."""
+    policy = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
+    scorer = policy._plan(candidates(4)).scorer
+    assert scorer is not None
+    keys = [scorer.key(policy._task_values(r)) for r in _edge_requests(scorer, 200, seed=12)]
+    batched = scorer._compute(*scorer._rows(np.array(keys, np.intp)))
+    one = np.concatenate([scorer._compute_one(key) for key in keys])
+    np.testing.assert_array_equal(one, batched)
+
+
+def test_selections_do_not_depend_on_what_the_memo_holds(trained: MetaPredictor) -> None:
+    """Hits, misses one at a time and misses in a window choose the same pairs with the same predictions."""
+    groups = candidates(4)
+    cold = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
+    warm = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
+    scorer = cold._plan(groups).scorer
+    assert scorer is not None
+    requests = _edge_requests(scorer, 120, seed=13)
+    window = warm.select_many([(r, groups) for r in requests])  # misses computed together
+    for request, batched in zip(requests, window, strict=True):
+        assert cold.select(request, groups) == batched  # a miss computed alone
+        assert cold.select(request, groups) == batched  # then a hit
