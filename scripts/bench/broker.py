@@ -12,7 +12,8 @@ acks every routed task at once and counts distinct request ids.
 
 Prints as its last line a JSON object with routed_per_s (per broker process),
 sched_p50_ms, sched_p99_ms (parse + validate + schedule, per request) and lost
-(requests published but never routed; must be 0).
+(requests published but never routed; must be 0), the driver's nice value and mean backlog,
+and the 1-minute load average at the end.
 
     .venv/bin/python scripts/bench/broker.py --quick
 """
@@ -78,7 +79,11 @@ async def _drive(
     url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue,
     groups: list[str], n_prompts: int,
 ) -> None:
-    """Publish ``n`` requests (at most ``backlog`` not yet routed) and be the stub group that acks them."""
+    """Publish ``n`` requests (at most ``backlog`` not yet routed) and be the stub group that acks them.
+
+    Reports the mean number of requests published but not yet routed while publishing: near ``backlog``
+    the broker is the bottleneck (what the benchmark measures); far below it the driver could not keep up.
+    """
     topology = Topology(namespace)
     connection = await aio_pika.connect(url)
     pub = await connection.channel()
@@ -143,6 +148,13 @@ async def _drive(
 
     flusher = asyncio.create_task(flush_acks())
     sent = 0
+    ahead: list[int] = []  # published but not yet routed, sampled while publishing
+
+    async def sample_backlog() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            ahead.append(sent - len(seen))
+
     if preload:
         for sent in range(n):
             await window.acquire()
@@ -154,6 +166,7 @@ async def _drive(
         await sub_raw.basic_consume(topology.group_queue(group), on_task)
     out.put(("ready", None))
     started = time.monotonic()
+    sampler = asyncio.create_task(sample_backlog())
     while sent < n:
         if sent - len(seen) >= backlog:
             await asyncio.sleep(0.001)
@@ -162,19 +175,23 @@ async def _drive(
         spawn(sent)
         sent += 1
     publish_s = time.monotonic() - started
+    sampler.cancel()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(done.wait(), timeout=120)
     await asyncio.sleep(0.5)  # late duplicates
     flusher.cancel()
     out.put(("done", {"published": sent, "distinct_routed": len(seen), "duplicates": duplicates,
-                      "publish_s": round(publish_s, 3)}))
+                      "publish_s": round(publish_s, 3),
+                      "backlog_mean": round(sum(ahead) / len(ahead)) if ahead else None}))
     await connection.close()
 
 
 def _driver_main(
     url: str, namespace: str, n: int, backlog: int, priorities: list[str], preload: bool, out: mp.Queue,
-    groups: list[str], n_prompts: int,
+    groups: list[str], n_prompts: int, nice: int,
 ) -> None:
+    if nice:  # see --driver-nice: agents and nodes do not run on the broker's machine in production
+        os.nice(nice)
     asyncio.run(_drive(url, namespace, n, backlog, priorities, preload, out, groups, n_prompts))
 
 
@@ -246,7 +263,8 @@ async def bench(args: argparse.Namespace) -> dict:
     out: mp.Queue = ctx.Queue()
     priorities = args.priorities.split(",")
     driver = ctx.Process(target=_driver_main, args=(url, topology.namespace, args.requests, args.backlog,
-                                                    priorities, args.preload, out, groups, args.prompts),
+                                                    priorities, args.preload, out, groups, args.prompts,
+                                                    args.driver_nice),
                          daemon=True)
     driver.start()
     try:
@@ -299,6 +317,9 @@ async def bench(args: argparse.Namespace) -> dict:
         **serving,
         "max_in_flight": args.max_in_flight,
         "driver_publish_s": result["publish_s"],
+        "driver_backlog_mean": result["backlog_mean"],
+        "driver_nice": args.driver_nice,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "broker_cpu_per_request_us": round(cpu_s / max(1, snap["routed_total"]) * 1e6, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}",
     }
@@ -323,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(BrokerConfig.batch_routing)")
     parser.add_argument("--max-in-flight", type=int, default=128)
     parser.add_argument("--backlog", type=int, default=2000, help="max requests published but not yet routed")
+    parser.add_argument("--driver-nice", type=int, default=0, metavar="N",
+                        help="run the load generator (publisher + stub groups) at nice N (default 0: as before, "
+                             "so figures stay comparable). On a 2-core machine it competes with the broker "
+                             "under test for CPU; agents and nodes do not run on a broker's machine in "
+                             "production, and N=10 gives the broker what it would have there. Check "
+                             "driver_backlog_mean stays near --backlog (the driver keeps up)")
     parser.add_argument("--priorities", default="normal",
                         help="comma list cycled over the requests, e.g. high,normal,batch")
     parser.add_argument("--preload", action="store_true",
