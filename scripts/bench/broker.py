@@ -13,7 +13,8 @@ acks every routed task at once and counts distinct request ids.
 Prints as its last line a JSON object with routed_per_s (per broker process),
 sched_p50_ms, sched_p99_ms (parse + validate + schedule, per request) and lost
 (requests published but never routed; must be 0), the driver's nice value and mean backlog,
-and the 1-minute load average at the end.
+the 1-minute load average at the end, and while measuring the broker's garbage collections
+(count, longest and total pause per generation) and involuntary context switches per 1,000 routed.
 
     .venv/bin/python scripts/bench/broker.py --quick
 """
@@ -243,6 +244,43 @@ async def _warm_texts(service: Any, args: argparse.Namespace) -> float:
     return round(time.monotonic() - started, 2)
 
 
+class _Interference:
+    """What can stretch a synchronous scheduling step's wall time besides its own CPU: garbage collections
+    (their count and pauses, per generation) and the broker being descheduled (involuntary context switches).
+
+    Why: sched_p99_ms is wall time; these say whether a p99 above the in-process cost came from the
+    collector or from the other processes on the machine.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+        self._csw = 0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append((time.perf_counter() - self._started) * 1000.0)
+
+    def start(self) -> None:
+        import resource
+
+        self._csw = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+        gc.callbacks.append(self._on_gc)
+
+    def stop(self, routed: int) -> dict[str, Any]:
+        import resource
+
+        gc.callbacks.remove(self._on_gc)
+        preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - self._csw
+        out: dict[str, Any] = {"broker_preempted_per_1k": round(preempted * 1000 / max(1, routed), 1)}
+        for gen, pauses in self.pauses.items():
+            out[f"gc{gen}"] = {"n": len(pauses), "max_ms": round(max(pauses, default=0.0), 2),
+                               "total_ms": round(sum(pauses), 1)}
+        return out
+
+
 async def bench(args: argparse.Namespace) -> dict:
     from broker.config import BrokerConfig
     from broker.service import BrokerService
@@ -273,6 +311,8 @@ async def bench(args: argparse.Namespace) -> dict:
             await service.start()
             gc.freeze()
         cpu_start = time.process_time()
+        interference = _Interference()
+        interference.start()
         first_at = None
         last_count, last_at = 0, time.monotonic()
         result = None
@@ -288,6 +328,7 @@ async def bench(args: argparse.Namespace) -> dict:
         elapsed = max(1e-9, last_at - (first_at or last_at))
         snap = service.stats.snapshot()
         cpu_s = time.process_time() - cpu_start
+        disturbed = interference.stop(snap["routed_total"])
     finally:
         try:
             await service.stop()
@@ -320,6 +361,7 @@ async def bench(args: argparse.Namespace) -> dict:
         "driver_backlog_mean": result["backlog_mean"],
         "driver_nice": args.driver_nice,
         "loadavg_1m": round(os.getloadavg()[0], 2),
+        **disturbed,
         "broker_cpu_per_request_us": round(cpu_s / max(1, snap["routed_total"]) * 1e6, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}",
     }
