@@ -122,3 +122,20 @@ def test_nested_tuning_chooses_per_fold_from_training_rows_only() -> None:
     held_out = [set(df["task"]) - tasks for tasks in seen]
     assert len(seen) == 3 and all(held and not (held & tasks) for held, tasks in zip(held_out, seen, strict=True))
     assert sum(result.summary()["fold_configs"].values()) == 3
+
+
+def test_evaluate_reads_the_committed_methods_benchmark_dataset(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/data/methods_dataset.csv (written by scripts/bench/methods.py) stays readable by `evaluate`.
+
+    The regret figures themselves are benchmark results (docs/benchmarks.md), not asserted here; this checks the
+    file is a valid dataset with >= 200 cells over >= 3 profiles and that the learned selector beats random on it.
+    """
+    dataset = Path(__file__).resolve().parents[1] / "docs" / "data" / "methods_dataset.csv"
+    frame = pd.read_csv(dataset)
+    assert len(frame) >= 200 and frame["hardware"].nunique() >= 3
+    assert main(["evaluate", "--dataset", str(dataset), "--split", "task", "--folds", "4", "--json",
+                 *FAST_ARGS]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cells"] == frame.groupby(["task", "hardware"]).ngroups
+    assert summary["metainf_regret"] < summary["random_regret"]
+    assert summary["metainf_regret"] < summary["expert_regret"]
