@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.accel.kv import SequenceKV
+from node.accel.linear import use_onednn_linears
 from node.accel.weights import apply_weight_format, check_weight_format, compute_dtype
 
 
@@ -104,6 +105,7 @@ class BlockExecutor:
             layers.append(layer)
         layers.eval()
         layers = apply_weight_format(layers, weight_format)  # type: ignore[assignment]
+        use_onednn_linears(layers)  # fp32 only: MKL's small-batch sgemm is the slow part of a decode step
         return cls(config, layers, start=start, end=end, weight_format=weight_format)
 
     def new_cache(self, capacity: int = 64) -> SequenceKV:
@@ -191,7 +193,9 @@ class ModelHead(nn.Module):
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_weight = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])  # tied when absent
         lm_head.weight.data.copy_(head_weight)
-        return cls(config, embed, norm, lm_head).eval()
+        head = cls(config, embed, norm, lm_head).eval()
+        use_onednn_linears(head)  # the LM head is the driver's biggest matmul
+        return head
 
     @property
     def num_layers(self) -> int:
