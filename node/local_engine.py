@@ -80,6 +80,10 @@ class LocalEngine:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
         model = model.to(target)  # type: ignore[arg-type]
         model.eval()
+        if str(target) == "cpu":
+            from node.accel.linear import use_onednn_linears
+
+            use_onednn_linears(model)  # fp32 GEMMs through oneDNN: faster on CPU, same weights and results
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(
             "loaded %s (%.1fM parameters, %s) on %s in %.2f s",
