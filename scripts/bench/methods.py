@@ -85,7 +85,7 @@ PROFILES = [
     # two threads per server: oversubscribed cores, and a WAN-like delay per hop
     Profile("cpu2-fp32-wan", threads=2, weight_format="fp32", delay_ms=10.0, price_per_hour=0.7),
 ]
-# selectable with --profile-names, not in the default run: without bf16 instructions (AVX2 only), bf16
+# selectable with --profile-names, not in the default run: torch's bf16 path on this CPU is slow, bf16
 # prefill is ~6x slower than fp32 here (9.7 s TTFT for one 512-token prompt), so its c16 x 512-token
 # cells alone would take ~40 minutes
 EXTRA_PROFILES = [
