@@ -135,7 +135,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      "(default: one day; 0 = off)")
     shard = run.add_argument_group("sharded serving (hold only some blocks; see docs/node-serving.md)")
     shard.add_argument("--blocks", type=_block_range, default=None, help="START:END block range to serve")
-    shard.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join")
+    shard.add_argument("--initial-peers", nargs="*", default=[],
+                       help="DHT multiaddrs to join (local engine: serve blocks in the swarm; --engine vllm: only "
+                            "announce this node's group, hardware and methods so brokers reading the DHT see it)")
     shard.add_argument("--host", default="127.0.0.1", help="gRPC/DHT listen address (default: 127.0.0.1)")
     shard.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free)")
     shard.add_argument("--dht-port", type=int, default=0, help="DHT port (0 = any free)")

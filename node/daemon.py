@@ -4,7 +4,8 @@
 range the node holds the whole model (:class:`node.local_engine.LocalEngine`); with
 ``--blocks`` or ``--initial-peers`` it serves a span of blocks over gRPC and drives the
 chain through the swarm (:mod:`node.blocks.launch`); with ``--engine vllm`` vLLM holds the
-whole model on a GPU (:mod:`node.engines.vllm_engine`). Whatever the engine, the same
+whole model on a GPU (:mod:`node.engines.vllm_engine`), and with ``--initial-peers`` it joins the
+DHT only to announce its group (:mod:`node.announce`). Whatever the engine, the same
 :class:`node.worker.TaskWorker` answers the group's tasks.
 
 Signals: the first SIGTERM or SIGINT drains (no new tasks; running ones get
@@ -95,10 +96,10 @@ class NodeConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(WEIGHT_FORMAT_OF_DTYPE)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        if self.engine == "vllm" and (self.sharded or self.accelerated):
+        if self.engine == "vllm" and (self.blocks is not None or self.accelerated):
             raise ValueError(
-                "--engine vllm serves the whole model on one GPU; drop --blocks, --initial-peers and --accelerated "
-                "(those are the CPU block chain's)"
+                "--engine vllm serves the whole model on one GPU; drop --blocks and --accelerated (those are the "
+                "CPU block chain's). With --initial-peers a vLLM node joins the DHT only to announce its group"
             )
         check_swarm_token(self.swarm_token)
         self._check_draft_model()
@@ -139,7 +140,13 @@ class NodeConfig:
 
     @property
     def sharded(self) -> bool:
-        return self.blocks is not None or bool(self.initial_peers)
+        """Serves blocks over gRPC (local engine with --blocks or --initial-peers)."""
+        return self.engine == "local" and (self.blocks is not None or bool(self.initial_peers))
+
+    @property
+    def announces_queue_node(self) -> bool:
+        """A whole-model node outside the block chain (vLLM) that announces its group in the DHT."""
+        return not self.sharded and bool(self.initial_peers)
 
     def resolved_state_dir(self) -> Path:
         if self.state_dir is not None:
@@ -195,6 +202,7 @@ class NodeDaemon:
         self.worker: TaskWorker | None = None
         self._engine: Engine | None = None
         self._serving: Any = None  # node.blocks.launch.ServingHandle when sharded
+        self._presence: Any = None  # node.announce.QueueNodePresence for a whole-model node in the DHT
         self._ledger: CompletedLedger | None = None
         self._connection: AbstractRobustConnection | None = None
         self._stop = asyncio.Event()
@@ -251,6 +259,8 @@ class NodeDaemon:
             # built on the event loop's thread: vLLM's async engine belongs to the loop that uses it
             vllm_engine = VllmEngine.load(cfg.model, dtype=cfg.dtype, settings=cfg.vllm)
             self._engine = vllm_engine
+            if cfg.announces_queue_node:
+                self._presence = await _announce_queue_node(cfg, hardware, vllm_engine.methods)
             return vllm_engine.max_positions
         from node.local_engine import LocalEngine
 
@@ -282,6 +292,8 @@ class NodeDaemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await drain
             await self.worker.close()
+        if self._presence is not None:
+            await self._presence.close()
         if self._serving is not None:
             await self._serving.close()
         elif self._engine is not None:
@@ -344,6 +356,23 @@ async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
 
         return await start_accelerated_serving(serving_config, hardware)
     return await start_serving(serving_config, hardware)
+
+
+async def _announce_queue_node(cfg: NodeConfig, hardware: HardwareInfo, methods: tuple[str, ...]) -> Any:
+    """Join the DHT and keep this whole-model node's record (no address, no blocks) fresh."""
+    from node.announce import QueueNodeAnnouncement, QueueNodePresence
+
+    num_blocks = await asyncio.to_thread(_num_blocks, cfg.model)
+    announcement = QueueNodeAnnouncement(model_name=cfg.model_name, group=cfg.group, num_blocks=num_blocks,
+                                         hardware=hardware, methods=methods)
+    return await QueueNodePresence.start(announcement, initial_peers=cfg.initial_peers, host=cfg.host,
+                                         port=cfg.dht_port, announce_host=cfg.announce_host or None)
+
+
+def _num_blocks(name_or_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(name_or_path), "num_hidden_layers", 0) or 1)
 
 
 def run_node(config: NodeConfig) -> int:

@@ -108,7 +108,9 @@ class NodeRecord:
     """One node as announced under ``dinet:nodes``."""
 
     peer_id: str
-    address: str  # host:port of its gRPC BlockService
+    # host:port of its gRPC BlockService; "" for a whole-model node (e.g. vLLM) that serves no blocks and only
+    # takes tasks from its group queue: brokers still see its group, chains never route through it
+    address: str
     group: str
     models: tuple[str, ...]
     start_block: int
@@ -122,6 +124,11 @@ class NodeRecord:
     # "every method" (nodes from before the field existed). A vLLM node is built for one method and
     # announces the few it serves, so brokers route only those to its group.
     methods: tuple[str, ...] = ()
+
+    @property
+    def serves_blocks(self) -> bool:
+        """Whether other nodes can call its BlockService (whole-model, queue-only nodes announce no address)."""
+        return bool(self.address)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

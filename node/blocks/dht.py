@@ -89,7 +89,7 @@ class SwarmDHT:
         self.dht.shutdown()
 
     async def announce(self, model: str, node: NodeRecord, *, ttl_s: float) -> None:
-        """Store the node record and one block record per served block."""
+        """Store the node record and one block record per served block (none for a queue-only node)."""
         expiration = get_dht_time() + ttl_s
         block = BlockRecord(
             peer_id=node.peer_id, address=node.address, group=node.group, start_block=node.start_block,
@@ -97,13 +97,14 @@ class SwarmDHT:
             free_cache_bytes=node.free_cache_bytes, load=node.load,
         ).to_dict()
         stores = [(NODES_KEY, node.to_dict())]
-        stores += [(block_key(model, i), block) for i in range(node.start_block, node.end_block)]
+        if node.serves_blocks:
+            stores += [(block_key(model, i), block) for i in range(node.start_block, node.end_block)]
         await self._store_all(stores, expiration)
 
     async def withdraw(self, model: str, node: NodeRecord, *, ttl_s: float) -> None:
         """Overwrite this node's records with tombstones (a newer expiration wins)."""
         expiration = get_dht_time() + ttl_s
-        blocks = range(node.start_block, node.end_block)
+        blocks = range(node.start_block, node.end_block) if node.serves_blocks else range(0)
         stores = [(NODES_KEY, TOMBSTONE)] + [(block_key(model, i), TOMBSTONE) for i in blocks]
         await self._store_all(stores, expiration)
 

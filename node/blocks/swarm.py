@@ -23,7 +23,7 @@ def summarize(records: list[NodeRecord]) -> dict[str, Any]:
     """Nodes, and for each model the number of live servers of every block and the uncovered blocks."""
     nodes = [
         {
-            "peer_id": r.peer_id, "address": r.address, "group": r.group, "models": list(r.models),
+            "peer_id": r.peer_id, "address": r.address or "(queue only)", "group": r.group, "models": list(r.models),
             "blocks": f"{r.start_block}:{r.end_block}", "throughput_tok_s": r.throughput_tok_s, "load": r.load,
             "free_cache_mb": round(r.free_cache_bytes / 2**20, 1), "accelerator": r.hardware.accelerator,
             "weight_format": r.hardware.weight_format, "gflops": r.hardware.gflops,
@@ -32,15 +32,18 @@ def summarize(records: list[NodeRecord]) -> dict[str, Any]:
     ]
     models: dict[str, dict[str, Any]] = {}
     for model in sorted({m for r in records for m in r.models}):
-        serving = [r for r in records if model in r.models]
-        total = max([r.num_blocks for r in serving] + [max(r.end_block for r in serving)])
+        serving = [r for r in records if model in r.models and r.serves_blocks]
+        queue_only = sum(model in r.models and not r.serves_blocks for r in records)
+        total = max([r.num_blocks for r in serving] + [r.end_block for r in serving] + [0])
         coverage = [sum(r.start_block <= b < r.end_block for r in serving) for b in range(total)]
         models[model] = {
             "num_blocks": total,
             "num_blocks_known": any(r.num_blocks for r in serving),
             "servers_per_block": coverage,
             "gaps": _ranges([b for b, n in enumerate(coverage) if n == 0]),
-            "complete": all(coverage),
+            "complete": bool(coverage) and all(coverage),
+            # whole-model nodes (e.g. vLLM) that take queue tasks but serve no blocks to chains
+            "queue_only_nodes": queue_only,
         }
     return {"nodes": nodes, "models": models}
 
@@ -64,6 +67,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"free cache {n['free_cache_mb']} MiB {n['accelerator']} {n['weight_format']}"
         )
     for model, m in summary["models"].items():
+        if m.get("queue_only_nodes"):
+            lines.append(f"model {model}: {m['queue_only_nodes']} whole-model node(s) taking queue tasks only")
+        if not m["servers_per_block"]:
+            lines.append(f"model {model}: no block servers (no chain can be built)")
+            continue
         state = "complete" if m["complete"] else f"GAPS at blocks {', '.join(m['gaps'])}"
         lines.append(f"model {model}: {m['num_blocks']} blocks, servers per block {m['servers_per_block']} - {state}")
         if not m["num_blocks_known"]:
