@@ -238,6 +238,7 @@ class BrokerService:
         except Exception:
             return await self._crashed(delivery, request)
         self.stats.sched_ms.append((time.perf_counter() - started) * 1000.0)
+        self.stats.select_ms.append(decision.sched_ms)
 
         group = decision.group
         expiration = request.deadline_unix - now if request.deadline_unix else None

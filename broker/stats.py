@@ -27,6 +27,9 @@ class BrokerStats:
     crashed: int = 0
     reconnects: int = 0
     sched_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))  # parse..decision, per request
+    # the selection alone (Router.route: candidates, features, policy.select, decision), per routed request; the
+    # part of sched_ms that a scheduler changes (parse, validate and serialise are the same for every policy)
+    select_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
 
     @property
     def routed_total(self) -> int:
@@ -45,4 +48,6 @@ class BrokerStats:
             "reconnects": self.reconnects,
             "sched_p50_ms": round(percentile(samples, 50), 4),
             "sched_p99_ms": round(percentile(samples, 99), 4),
+            "select_p50_ms": round(percentile(list(self.select_ms), 50), 4),
+            "select_p99_ms": round(percentile(list(self.select_ms), 99), 4),
         }

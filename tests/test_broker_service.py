@@ -47,6 +47,11 @@ async def test_valid_request_is_routed_with_decision(amqp_url, topology, broker,
     assert decision.group == "g1" and decision.scheduler == "fixed-rule" and decision.broker_id == "test-broker"
     assert decision.method == "baseline" and decision.sched_ms > 0
     assert broker.stats.routed["normal"] == 1
+    # the selection's own time is recorded apart, and is part of the whole scheduling window
+    assert list(broker.stats.select_ms) == [decision.sched_ms]
+    assert 0 < broker.stats.select_ms[0] <= broker.stats.sched_ms[0]
+    snapshot = broker.stats.snapshot()
+    assert snapshot["select_p99_ms"] == round(decision.sched_ms, 4) <= snapshot["sched_p99_ms"]
 
 
 def _bad_requests(agent: AgentEmu) -> list[tuple[str, messages_pb2.InferenceRequest]]:

@@ -11,7 +11,9 @@ kind, with varied ``max_new_tokens``, and is the stub consumer of every group qu
 acks every routed task at once and counts distinct request ids.
 
 Prints as its last line a JSON object with routed_per_s (per broker process),
-sched_p50_ms, sched_p99_ms (parse + validate + schedule, per request) and lost
+sched_p50_ms, sched_p99_ms (parse + validate + schedule + serialise, per request),
+select_p50_ms, select_p99_ms (the selection alone: ``Router.route``, i.e. candidates, request
+features, the policy's choice over every (method, group) pair and the decision) and lost
 (requests published but never routed; must be 0), the driver's nice value and mean backlog,
 the 1-minute load average at the end, and while measuring the broker's garbage collections
 (count, longest and total pause per generation) and involuntary context switches per 1,000 routed.
@@ -348,6 +350,8 @@ async def bench(args: argparse.Namespace) -> dict:
         "routed_per_s": round(snap["routed_total"] / elapsed, 1),
         "sched_p50_ms": snap["sched_p50_ms"],
         "sched_p99_ms": snap["sched_p99_ms"],
+        "select_p50_ms": snap["select_p50_ms"],
+        "select_p99_ms": snap["select_p99_ms"],
         "lost": lost,
         "duplicates": result["duplicates"],
         "scheduler": service.policy.name,
