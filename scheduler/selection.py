@@ -19,7 +19,9 @@ one batched prediction of the meta-predictor, then
 
 :meth:`MetaInfPolicy.select_many` does this for a whole window of requests at once:
 requests with the same candidate set share one batched prediction. The cold-start
-:class:`ExpertRulesPolicy` lives in scheduler/expert.py (re-exported here).
+:class:`ExpertRulesPolicy` lives in scheduler/expert.py (re-exported here), the data
+(:class:`SelectionConfig`, :class:`ScoredPairs`, the per-candidate-set plan) in
+scheduler/selection_types.py (also re-exported).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import random
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,53 +42,12 @@ from scheduler.embeddings import TASK_FEATURES
 from scheduler.expert import ExpertRules, ExpertRulesPolicy, check_budget, expert_method, no_candidates, repetition
 from scheduler.interface import GroupCandidate, RequestFeatures, SchedulingPolicy, Selection
 from scheduler.predictor import MetaPredictor
+from scheduler.selection_types import ScoredPairs, SelectionConfig, _Plan
 from scheduler.textcache import BackgroundTextCache, get_background_cache
 
 __all__ = ["ExpertRules", "ExpertRulesPolicy", "MetaInfPolicy", "ScoredPairs", "SelectionConfig", "expert_method"]
 
 # ---------------------------------------------------------------- MetaInf
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """Knobs of Algorithm 2 (see the module docstring)."""
-
-    epsilon: float = 0.05  # share of decisions that explore (0 = pure exploitation)
-    min_ratio: float = 0.25  # never explore a pair predicted slower than this share of the best
-    ucb_kappa: float = 0.5  # optimistic bonus = min(kappa * std of log prediction, cap)
-    ucb_cap: float = 0.05
-    reputation_weight: float = 1.0
-    min_reputation: float = 1e-3
-    explore_priorities: tuple[str, ...] = ("normal", "batch")
-
-
-@dataclass
-class _Plan:
-    """The request-independent part of a batch: one row per (method, group) pair."""
-
-    methods: list[str]
-    group_idx: np.ndarray  # pair -> index into candidates
-    block: np.ndarray  # (pairs, n_method + n_hw) float32
-    price_per_s: np.ndarray  # (pairs,)
-    flags: np.ndarray  # (pairs, n_cross_flags): the method side of the method x task crosses
-    complete: bool  # False while a hardware text embedding is still being computed
-    scorer: PairScorer | None  # the pairs' fixed features folded into leaf masks (None: walk the trees)
-    groups: list[str]  # pair -> group name
-    all_feasible: np.ndarray  # (pairs,) all True, read-only: the feasibility of every pair without a budget
-
-
-@dataclass
-class ScoredPairs:
-    """Everything Algorithm 2 computed for one request (for explanations, tests and logs)."""
-
-    methods: list[str]
-    groups: list[str]
-    tokens_per_s: np.ndarray
-    std_log: np.ndarray
-    runtime_s: np.ndarray
-    cost: np.ndarray
-    feasible: np.ndarray
-    score: np.ndarray
 
 
 class MetaInfPolicy(SchedulingPolicy):
