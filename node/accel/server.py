@@ -306,7 +306,7 @@ class AccelBlockServer:
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
-            # drivers keep their channels alive with pings (node.blocks.server.grpc_options): accept them
+            # drivers keep their channels alive with pings (node.blocks.wire.grpc_options): accept them
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),

@@ -36,7 +36,7 @@ from node.blocks.chain_session import ChainSession
 from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
 from node.blocks.remote import ChannelPool, RemoteSpan, probe_rtt_ms
 from node.blocks.routing import Hop, RouteCosts, find_route
-from node.blocks.server import MESSAGE_ENVELOPE_BYTES
+from node.blocks.wire import MESSAGE_ENVELOPE_BYTES
 from node.engine import GenerationRequest
 from node.sampling import choose_next_token, make_generator
 from proto.codec import TensorLimits

@@ -25,7 +25,7 @@ import torch
 from node.blocks.auth import TokenStub, call_metadata
 from node.blocks.push import PushTarget
 from node.blocks.routing import Hop
-from node.blocks.server import grpc_options
+from node.blocks.wire import grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
 from proto.errors import InvalidRequestError

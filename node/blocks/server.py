@@ -21,6 +21,10 @@ the largest tensor a session may legally send plus a small envelope.
   Steps are numbered by the driver; a session applies each ``step_id`` at most once, in
   increasing order, so a stale push (the driver already carried the step itself after a
   failure) or a cycle is dropped rather than recomputed.
+
+The bounds and channel options both ends share (:class:`ServerLimits`,
+:func:`grpc_options`, the message envelope) are in :mod:`node.blocks.wire`; the first two
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -50,31 +54,12 @@ from node.blocks.push import (
     RouteError,
     parse_route,
 )
+from node.blocks.wire import ServerLimits, grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc, common_pb2
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
 from proto.records import HardwareInfo
 
 logger = logging.getLogger(__name__)
-
-MESSAGE_ENVELOPE_BYTES = 64 * 1024  # protobuf fields around the one tensor of a message
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Hard bounds on what one peer may ask of this node."""
-
-    max_batch: int = 8  # sequences per session
-    max_length: int = 2048  # tokens per session (also capped by the model's max positions)
-    max_sessions: int = 256  # open sessions, all peers together
-    max_sessions_per_peer: int = 64  # open sessions from one peer host (one stranger cannot take them all)
-    inline_tokens: int = 4  # steps of at most this many tokens compute on the event loop (no thread hand-off)
-    push_timeout_s: float = 5.0  # a push to the next hop must be handed to the transport within this
-
-    def max_tensor_bytes(self, hidden_size: int) -> int:
-        return self.max_batch * self.max_length * hidden_size * 4  # fp32 is the widest dtype accepted
-
-    def max_message_bytes(self, hidden_size: int) -> int:
-        return self.max_tensor_bytes(hidden_size) + MESSAGE_ENVELOPE_BYTES
 
 
 class StepError(Exception):
@@ -371,18 +356,6 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
 def _peer_host(peer: str) -> str:
     """``"ipv4:127.0.0.1:5555"`` -> ``"ipv4:127.0.0.1"`` (sessions are counted per host, not per connection)."""
     return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel/server options shared by both ends: deliberate message bounds, keepalive for dead peers."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 async def start_grpc_server(
