@@ -64,7 +64,7 @@ from scheduler.store import (
     prune_models,
     read_rows,
     train_and_save,
-    train_main,
+    train_in_child,
 )
 from scheduler.training import TrainingCancelled
 
@@ -243,7 +243,8 @@ class OnlineLearner(SchedulingPolicy):
                     version = train_and_save(self.state_dir, self.config.to_dict(), seq, self.max_rows,
                                               total_at_start, self._stop.is_set)
                 else:
-                    version = self._train_in_child(seq, total_at_start)
+                    version = train_in_child(self.state_dir, self.config.to_dict(), seq, self.max_rows,
+                                             total_at_start, self._stop.is_set, self._track_process)
                 predictor = MetaPredictor.load(self._models() / version)
                 tmp = self._models() / f".{CURRENT}.tmp"
                 tmp.write_text(version + "\n")
@@ -270,37 +271,9 @@ class OnlineLearner(SchedulingPolicy):
             logger.info("scheduler model %s trained in %.2fs", version, self.last_train_seconds)
             return version
 
-    def _train_in_child(self, seq: int, total_at_start: int) -> str:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=train_main,
-            args=(sender, str(self.state_dir), self.config.to_dict(), seq, self.max_rows, total_at_start),
-            daemon=True, name="dinet-scheduler-train",
-        )
-        proc.start()
-        sender.close()
+    def _track_process(self, proc: Any) -> None:
+        """Keeps the running training child in ``_proc`` (None when done), where tests and debuggers see it."""
         self._proc = proc
-        try:
-            while True:
-                if self._stop.is_set():
-                    proc.terminate()
-                    raise TrainingCancelled("training cancelled")
-                if receiver.poll(0.1):
-                    status, payload = receiver.recv()
-                    break
-                if not proc.is_alive() and not receiver.poll(0):
-                    status, payload = "error", f"the training process exited with code {proc.exitcode}"
-                    break
-        finally:
-            proc.join(10)
-            receiver.close()
-            self._proc = None
-        if status != "ok":
-            raise RuntimeError(payload)
-        return str(payload)
 
     def request_retrain(self) -> None:
         """Ask the background thread to retrain now (returns at once)."""

@@ -3,7 +3,8 @@
 Layout (see :mod:`scheduler.online`): ``data/rows-NNNNNN.jsonl`` (append-only JSON
 lines), ``models/<version>/`` (model directories), ``models/CURRENT`` (the model in
 use), ``embeddings.npz`` (MiniLM vectors of texts already embedded).
-:func:`train_main` is the entry point of the child process that retrains.
+:func:`train_main` is the entry point of the child process that retrains, :func:`train_in_child`
+the parent's side of it (moved here from :class:`scheduler.online.OnlineLearner`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pandas as pd
 
 from scheduler.config import PredictorConfig
 from scheduler.dataset import rows_to_frame
-from scheduler.training import dataset_digest, make_version, train_predictor
+from scheduler.training import TrainingCancelled, dataset_digest, make_version, train_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,53 @@ def train_main(conn: Any, state_dir: str, config: dict[str, Any], seq: int, max_
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
+
+
+def train_in_child(
+    state_dir: Path, config: dict[str, Any], seq: int, max_rows: int, total_at_start: int,
+    should_stop: Callable[[], bool], on_process: Callable[[Any], None] | None = None,
+) -> str:
+    """:func:`train_and_save` in a spawned child process (:func:`train_main`); returns the version.
+
+    Why a child: pandas and XGBoost then never hold the GIL against the caller's event loop.
+    ``should_stop`` is polled every 0.1 s; when it turns true the child is terminated.
+    ``on_process`` is given the child once started and None once it is done (its owner shows it).
+
+    :raises TrainingCancelled: when ``should_stop`` turned true.
+    :raises RuntimeError: when training failed or the child exited without an answer.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=train_main,
+        args=(sender, str(state_dir), config, seq, max_rows, total_at_start),
+        daemon=True, name="dinet-scheduler-train",
+    )
+    proc.start()
+    sender.close()
+    if on_process is not None:
+        on_process(proc)
+    try:
+        while True:
+            if should_stop():
+                proc.terminate()
+                raise TrainingCancelled("training cancelled")
+            if receiver.poll(0.1):
+                status, payload = receiver.recv()
+                break
+            if not proc.is_alive() and not receiver.poll(0):
+                status, payload = "error", f"the training process exited with code {proc.exitcode}"
+                break
+    finally:
+        proc.join(10)
+        receiver.close()
+        if on_process is not None:
+            on_process(None)
+    if status != "ok":
+        raise RuntimeError(payload)
+    return str(payload)
 
 
 def export_state(state_dir: str | Path, out: str | Path) -> tuple[Path, int]:
