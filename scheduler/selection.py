@@ -215,15 +215,14 @@ class MetaInfPolicy(SchedulingPolicy):
         return array("f", vec).tolist()  # C float casts: the values a float32 block holds
 
     def _predict(self, plan: _Plan, requests: Sequence[RequestFeatures]) -> list[tuple[np.ndarray, ...]]:
-        """Per request: mean log tps, spread, tps, runtime, bonus over the plan's pairs (one batched prediction)."""
+        """Per request, over the plan's pairs (one batched prediction): mean log tps, spread, tps, runtime, bonus and
+        mean log + bonus (see :meth:`_finish`)."""
         space = self._space
         if plan.scorer is not None:  # memo keys straight from Python values: the same bins, no numpy per request
             scorer = plan.scorer
             return scorer.predict_keys([scorer.key(self._task_values(r)) for r in requests])
-        tasks = np.stack([self._task_block(r) for r in requests])
+        tasks = np.stack([self._task_block(r) for r in requests])  # no scorer: walk the compiled trees
         g = space.cross_task_values(tasks)
-        if plan.scorer is not None:
-            return plan.scorer.predict(tasks, g)
         n, nb, k = len(plan.methods), plan.block.shape[1], len(requests)
         x = np.empty((k, n, space.n_task + nb + space.n_cross), np.float32)
         x[:, :, : space.n_task] = tasks[:, None]
