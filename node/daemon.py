@@ -223,8 +223,9 @@ class NodeDaemon:
         logger.info("node %s hardware: %s", node_id, self.hardware.description)
         tokenizer = await asyncio.to_thread(_load_tokenizer, cfg.model)
         max_positions = await self._build_engine(self.hardware)
-        if self._serving is not None and not cfg.node_id:
-            node_id = str(self._serving.peer_id)  # one identity: the DHT key pair, as brokers see it
+        identity = self._serving or self._presence
+        if identity is not None and not cfg.node_id:
+            node_id = str(identity.peer_id)  # one identity: the DHT key pair, as brokers see it
         self._connection = await connect(cfg.amqp_url, timeout_s=cfg.connect_timeout_s)
         worker_config = WorkerConfig(
             node_id=node_id,

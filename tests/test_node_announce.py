@@ -97,3 +97,44 @@ def test_vllm_with_initial_peers_announces_instead_of_serving_blocks() -> None:
     assert local.sharded and not local.announces_queue_node  # the local engine serves its blocks instead
     with pytest.raises(ValueError, match="drop --blocks"):
         NodeConfig(model="m", model_name="m", group="gpu", engine="vllm", blocks=(0, 2))
+
+
+async def test_a_vllm_node_with_initial_peers_is_seen_by_brokers_under_its_dht_identity(
+    bootstrap: SwarmDHT, amqp_url: str, topology, tiny_model_path, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's wiring: after the engine is built the node announces itself, and its telemetry identity is the
+    DHT peer id that brokers list under the group (so reputations attach to the node the directory shows).
+
+    No GPU here, so the engine is the tiny model in a LocalEngine standing in for vLLM (a GPU engine built for
+    continuous batching); RabbitMQ and the DHT are real.
+    """
+    from node.daemon import NodeDaemon
+    from node.engines import vllm_engine
+    from node.local_engine import LocalEngine
+
+    def fake_load(model: str, **_: object) -> LocalEngine:
+        engine = LocalEngine.load(model)
+        engine.methods = ("continuous_batching", "dynamic_batching")
+        return engine
+
+    monkeypatch.setattr(vllm_engine.VllmEngine, "load", staticmethod(fake_load))
+    config = NodeConfig(model=str(tiny_model_path), model_name="tiny", group="gpu-vllm", engine="vllm",
+                        amqp_url=amqp_url, namespace=topology.namespace, state_dir=tmp_path / "state",
+                        initial_peers=tuple(bootstrap.maddrs))
+    daemon = NodeDaemon(config)
+    await daemon.start()
+    reader = DhtNodeReader(bootstrap.maddrs)
+    stopped = False
+    try:
+        records = await wait_for(lambda rs: len(rs) == 1, reader.fetch)
+        assert daemon.worker is not None
+        assert [(r.peer_id, r.group, r.methods, r.serves_blocks) for r in records] == [
+            (daemon.worker.config.node_id, "gpu-vllm", ("continuous_batching", "dynamic_batching"), False)
+        ]
+        await daemon.stop()
+        stopped = True
+        assert await wait_for(lambda rs: not rs, reader.fetch) == []  # withdrawn on a clean stop
+    finally:
+        reader.shutdown()
+        if not stopped:
+            await daemon.stop()
