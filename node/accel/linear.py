@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,17 @@ class OneDnnLinear(nn.Linear):
         return _onednn_linear(x, self.weight, self.bias)
 
 
+def _swappable(linear: nn.Module) -> TypeGuard[nn.Linear]:
+    return type(linear) is nn.Linear and linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
+
+
+def onednn_linear(linear: nn.Linear) -> nn.Linear:
+    """``linear`` itself, or its :class:`OneDnnLinear` twin when it is a plain fp32 CPU linear and oneDNN is on."""
+    if onednn_linear_enabled() and _swappable(linear):
+        return OneDnnLinear.from_linear(linear).train(linear.training)
+    return linear
+
+
 def use_onednn_linears(module: nn.Module) -> int:
     """Swap every plain fp32 CPU ``nn.Linear`` inside ``module`` for :class:`OneDnnLinear`, in place.
 
@@ -86,7 +98,7 @@ def use_onednn_linears(module: nn.Module) -> int:
     swapped = 0
     for parent in module.modules():
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-                setattr(parent, name, OneDnnLinear.from_linear(child))
+            if _swappable(child):
+                setattr(parent, name, OneDnnLinear.from_linear(child).train(child.training))
                 swapped += 1
     return swapped

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from node.accel.linear import OneDnnLinear, onednn_linear_enabled, use_onednn_linears
+from node.accel.linear import onednn_linear, use_onednn_linears
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ def load_blocks(
     tensors.clear()
     if weight_format == "int8":
         layers = torch.ao.quantization.quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8)
-    elif weight_format == "fp32":
-        use_onednn_linears(layers)  # faster fp32 GEMMs on CPU, same weights (node/accel/linear.py)
+    use_onednn_linears(layers)  # fp32 GEMMs on CPU through oneDNN, same weights (int8/bf16 left alone)
     logger.info("loaded blocks %d:%d of %s (%s)", start, end, model_dir, weight_format)
     return layers
 
@@ -148,10 +147,7 @@ def load_driver_parts(model_dir: Path, config: PretrainedConfig, *, weight_forma
         head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     norm.load_state_dict({"weight": tensors[NORM_KEY]}, assign=True)
     head.load_state_dict({"weight": tensors[EMBED_KEY if tied else HEAD_KEY]}, assign=True)
-    lm_head = head.eval()
-    if dtype == torch.float32 and onednn_linear_enabled():
-        lm_head = OneDnnLinear.from_linear(lm_head).eval()
-    return DriverParts(embed=embed.eval(), norm=norm.eval(), lm_head=lm_head)
+    return DriverParts(embed=embed.eval(), norm=norm.eval(), lm_head=onednn_linear(head.eval()))
 
 
 def _check_format(weight_format: str) -> str:
