@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from broker.priority import RealtimePriorityError
 from proto.process import reap_children
 from proto.settings import AMQP_URL_ENV, amqp_url_from_env
 from proto.topology import DEFAULT_NAMESPACE, PRIORITIES, Topology
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nodes scoring below this in [0,1] get no work (default 0.5)")
     run.add_argument("--reputation-half-life", type=float, default=None,
                      help="seconds for a node's past behaviour to lose half its weight (default 300)")
+    run.add_argument("--realtime-priority", type=int, default=0, metavar="1-99",
+                     help="run the routing loop under SCHED_FIFO at this priority so co-located processes "
+                          "(RabbitMQ, nodes) cannot preempt a decision; needs root or CAP_SYS_NICE "
+                          "(default 0: normal scheduling)")
 
     status = sub.add_parser("status", help="queue depths, groups, nodes and reputation, rates, dead letters",
                             description="Read-only view of a dinet deployment, as a table or JSON.")
@@ -147,6 +152,7 @@ async def _run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         batch_routing=args.batch_routing,
         reputation=reputation,
+        realtime_priority=args.realtime_priority,
         **extra,
     )
     if not config.static_groups and not config.use_dht:
@@ -197,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return runner(command(args))
     except ValueError as exc:  # bad configuration: say what to fix
+        print(f"dinet-broker: {exc}", file=sys.stderr)
+        return 2
+    except RealtimePriorityError as exc:
         print(f"dinet-broker: {exc}", file=sys.stderr)
         return 2
     except ConnectionError as exc:

@@ -7,6 +7,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from broker.priority import check_realtime_priority
 from proto.methods import METHODS
 from proto.settings import DEFAULT_AMQP_URL
 from proto.topology import DEFAULT_NAMESPACE, PRIORITIES, validate_name
@@ -75,6 +76,9 @@ class BrokerConfig:
     publish_timeout_s: float = 30.0  # a confirm slower than this requeues the request
     watch_dead_letters: bool = True  # notify senders of messages RabbitMQ dead-lettered on its own
     telemetry_prefetch: int = 256  # stream credit for the telemetry consumer
+    # SCHED_FIFO priority of the event loop (1..99; 0 = the normal policy): keeps co-located processes from
+    # preempting routing decisions (broker/priority.py)
+    realtime_priority: int = 0
     limits: ValidationLimits = field(default_factory=ValidationLimits)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
 
@@ -95,6 +99,7 @@ class BrokerConfig:
             raise ValueError("max_in_flight must be >= 1")
         if self.directory_ttl_s <= 0:
             raise ValueError("directory_ttl_s must be > 0")
+        check_realtime_priority(self.realtime_priority)
 
     @property
     def use_dht(self) -> bool:

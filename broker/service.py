@@ -48,6 +48,7 @@ from broker.deadletters import DeadLetterWatcher
 from broker.directory import DhtNodeReader, GroupDirectory
 from broker.fairness import WeightedFairGate
 from broker.policies import TelemetrySink, load_policy
+from broker.priority import use_realtime_priority
 from broker.reputation import ReputationLedger
 from broker.routing import Router
 from broker.settle import Settler
@@ -116,6 +117,7 @@ class BrokerService:
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        use_realtime_priority(cfg.realtime_priority)  # this is the loop's thread; what starts below is not raised
         if self._directory is None:
             reader = None
             if cfg.use_dht:

@@ -144,7 +144,7 @@ async def bench(args: argparse.Namespace) -> dict:
     config = BrokerConfig(amqp_url=url, namespace=topology.namespace,
                           scheduler=args.scheduler, scheduler_model=args.scheduler_model, broker_id="bench",
                           max_in_flight=args.max_in_flight, batch_routing=args.batch_routing,
-                          watch_dead_letters=False)
+                          watch_dead_letters=False, realtime_priority=args.broker_realtime)
     service = BrokerService(config, directory=directory)
     warm_s = await _warm_texts(service, args) if args.warm_texts else 0.0
     if not args.preload:
@@ -215,6 +215,7 @@ async def bench(args: argparse.Namespace) -> dict:
         "driver_publish_s": result["publish_s"],
         "driver_backlog_mean": result["backlog_mean"],
         "driver_nice": args.driver_nice,
+        "broker_realtime_priority": args.broker_realtime,  # 0: the normal policy (SCHED_OTHER)
         "loadavg_1m": round(os.getloadavg()[0], 2),
         **disturbed,
         "broker_cpu_per_request_us": round(cpu_s / max(1, snap["routed_total"]) * 1e6, 1),
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                              "under test for CPU; agents and nodes do not run on a broker's machine in "
                              "production, and N=10 gives the broker what it would have there. Check "
                              "driver_backlog_mean stays near --backlog (the driver keeps up)")
+    parser.add_argument("--broker-realtime", type=int, default=0, metavar="1-99",
+                        help="run the broker's loop under SCHED_FIFO at this priority, as `dinet-broker run "
+                             "--realtime-priority N` does (default 0: normal scheduling; needs root). The load "
+                             "generator and RabbitMQ keep the normal policy")
     parser.add_argument("--priorities", default="normal",
                         help="comma list cycled over the requests, e.g. high,normal,batch")
     parser.add_argument("--preload", action="store_true",
