@@ -13,6 +13,8 @@ messages, then one ``InferenceResult``) arrives on the agent's own durable reply
 and is matched to its request by ``request_id``. Delivery is at-least-once upstream, so
 the agent drops what it has seen: chunks it already has, and results of finished
 requests. A result with an error raises the matching :class:`proto.errors.DinetError`.
+When a request is over the agent reports what it saw (node, outcome, its own timings) to
+the telemetry stream, in the background (:mod:`agent.outcomes`): brokers judge nodes on it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -33,6 +34,8 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
 from google.protobuf.message import DecodeError
 
 from agent.config import AgentConfig
+from agent.outcomes import OutcomeReporter
+from agent.pending import PendingRequest, observation
 from agent.results import Chunk, GenerationResult, chunk_from_proto, result_from_proto
 from proto import errors, messages_pb2
 from proto.topology import Topology
@@ -50,18 +53,6 @@ def retry_delay(attempt: int, base_s: float, max_s: float = 5.0) -> float:
     return float(min(base_s * 2 ** (attempt - 2), max_s))
 
 
-@dataclass(eq=False)
-class _Pending:
-    """A request waiting for its replies."""
-
-    request_id: str
-    items: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)  # Chunk, then GenerationResult/DinetError
-    submitted: float = 0.0  # perf_counter at publish
-    first_token_at: float | None = None
-    next_index: int = 0  # tokens received so far (the next chunk should start here)
-    streamed_text: str = ""
-
-
 class Generation:
     """One request: iterate it for :class:`Chunk` s, then ``await result()`` for the end.
 
@@ -73,7 +64,7 @@ class Generation:
         self._request = request
         self._timeout_s = timeout_s
         self._started = False
-        self._pending: _Pending | None = None
+        self._pending: PendingRequest | None = None
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._wait_until: float | None = None
@@ -118,7 +109,7 @@ class Generation:
         if self._error is not None:
             raise self._error
 
-    async def _next_item(self, pending: _Pending) -> Any:
+    async def _next_item(self, pending: PendingRequest) -> Any:
         if self._wait_until is None:
             return await pending.items.get()
         remaining = self._wait_until - time.monotonic()
@@ -127,6 +118,7 @@ class Generation:
         except TimeoutError:
             self._agent._forget(self.request_id)
             deadline = self._request.deadline_unix
+            self._agent._report(pending, None, deadline_passed=bool(deadline) and time.time() >= deadline)
             if deadline and time.time() >= deadline:
                 return errors.DeadlineExceededError(
                     f"no answer for request {self.request_id} before its deadline; allow a longer deadline"
@@ -173,9 +165,10 @@ class Agent:
         self._reply_channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, PendingRequest] = {}
         self._finished: dict[str, None] = {}  # insertion-ordered set of finished request ids
         self.duplicates_dropped = 0
+        self.outcomes = OutcomeReporter(self.topology, cfg.agent_id, timeout_s=cfg.publish_timeout_s)
 
     async def __aenter__(self) -> Agent:
         await self.connect()
@@ -204,6 +197,7 @@ class Agent:
         for pending in self._pending.values():
             pending.items.put_nowait(_CLOSED)
         self._pending.clear()
+        await self.outcomes.flush(self.config.outcome_flush_s)
         if self.config.delete_reply_queue_on_close and self._reply_queue is not None:
             with contextlib.suppress(Exception):
                 if self._consumer_tag is not None:
@@ -279,12 +273,12 @@ class Agent:
         return await self.generate(**kwargs).result()
 
     # -- internals ----------------------------------------------------------------------------
-    def _register(self, request_id: str) -> _Pending:
+    def _register(self, request_id: str) -> PendingRequest:
         if self._connection is None:
             raise RuntimeError("the agent is not connected; use `async with Agent(...)` or await connect()")
         if request_id in self._pending or request_id in self._finished:
             raise ValueError(f"request id {request_id!r} was already used by this agent")
-        pending = _Pending(request_id)
+        pending = PendingRequest(request_id)
         self._pending[request_id] = pending
         return pending
 
@@ -361,7 +355,7 @@ class Agent:
         else:
             self._on_result(pending, parsed)
 
-    def _on_chunk(self, pending: _Pending, message: messages_pb2.TokenChunk) -> None:
+    def _on_chunk(self, pending: PendingRequest, message: messages_pb2.TokenChunk) -> None:
         end = message.index + len(message.token_ids)
         if end <= pending.next_index or message.index > pending.next_index:
             # seen already (a redelivered task streams again), or a gap that the result will fill
@@ -373,14 +367,16 @@ class Agent:
             chunk = Chunk(chunk.request_id, pending.next_index, chunk.token_ids[skip:], "", chunk.node_id)
         if pending.first_token_at is None:
             pending.first_token_at = time.perf_counter()
+        pending.node_id = pending.node_id or message.node_id
         pending.next_index = end
         pending.streamed_text += chunk.text
         pending.items.put_nowait(chunk)
 
-    def _on_result(self, pending: _Pending, message: messages_pb2.InferenceResult) -> None:
+    def _on_result(self, pending: PendingRequest, message: messages_pb2.InferenceResult) -> None:
         self._forget(pending.request_id)
         if not message.ok:
             pending.items.put_nowait(errors.DinetError.from_proto(message.error))
+            self._report(pending, message)
             return
         now = time.perf_counter()
         tail = tuple(message.token_ids[pending.next_index :])
@@ -392,3 +388,11 @@ class Agent:
         submitted = pending.submitted or now
         first = pending.first_token_at if pending.first_token_at is not None else now
         pending.items.put_nowait(result_from_proto(message, ttft_s=first - submitted, total_s=now - submitted))
+        self._report(pending, message, now=now)
+
+    def _report(self, pending: PendingRequest, message: messages_pb2.InferenceResult | None, *,
+                deadline_passed: bool = False, now: float | None = None) -> None:
+        """Hand what this agent saw of a finished request to the background reporter (never raises)."""
+        if self.config.report_outcomes:
+            seen = observation(pending, message, deadline_passed=deadline_passed, now=now)
+            self.outcomes.report(self._publish_channel, seen)

@@ -30,6 +30,9 @@ class AgentConfig:
     #   deadline_grace_s) when there is one, else forever
     deadline_grace_s: float = 10.0  # past a request's deadline, wait this long for its typed error
     remembered_requests: int = 10_000  # finished request ids kept to recognise late duplicates
+    report_outcomes: bool = True  # after each request, publish what this agent saw (node, ok or error, its own
+    #   timings) to the telemetry stream: brokers judge nodes' reputation on these, never on nodes' own reports
+    outcome_flush_s: float = 1.0  # on close, wait at most this long for outcome reports still in flight
     delete_reply_queue_on_close: bool = False  # for one-shot clients (the CLI without --agent-id): nothing
     #   can pick up later results anyway, so do not leave the queue to expire a day later
 

@@ -41,7 +41,8 @@ class ReputationConfig:
     prior_weight: float = 2.0  # how many observations the prior is worth
     timeout_weight: float = 2.0  # a timeout counts as this many failures
     stall_ratio: float = 0.25  # actual/predicted tokens/s below this counts as a stall (a failure)
-    node_seen_ttl_s: float = 600.0  # a node with no report for this long leaves static groups' node lists
+    node_seen_ttl_s: float = 600.0  # a node judged by no outcome for this long leaves static groups' node lists
+    pending_routes: int = 100_000  # routing records awaiting their agent's outcome (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class BrokerConfig:
     publish_timeout_s: float = 30.0  # a confirm slower than this requeues the request
     watch_dead_letters: bool = True  # notify senders of messages RabbitMQ dead-lettered on its own
     telemetry_prefetch: int = 256  # stream credit for the telemetry consumer
+    # publish a RoutingRecord (the decision, keyed by request id) to the telemetry stream before each
+    # RoutedTask: reputation judges a node's speed against it. Off = no latency/stall judgement at all
+    record_routes: bool = True
     # SCHED_FIFO priority of the event loop (1..99; 0 = the normal policy): keeps co-located processes from
     # preempting routing decisions (broker/priority.py)
     realtime_priority: int = 0

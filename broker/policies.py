@@ -7,7 +7,8 @@
 factory is called with the model path (``--scheduler-model``) when one is given, else
 with no argument, and must return a :class:`~scheduler.interface.SchedulingPolicy`. A policy that also has an
 ``observe(report)`` method is fed every TimingReport from the telemetry stream
-(that is how an online learner sees the outcomes of its own decisions).
+(that is how an online learner sees the outcomes of its own decisions). Sinks see
+nodes' own reports only; reputation is judged on agents' outcomes (broker/reputation.py).
 """
 
 from __future__ import annotations

@@ -1,35 +1,68 @@
-"""Per-node reputation computed from the telemetry stream, with decay in time.
+"""Per-node reputation from the telemetry stream, judged by the agents a node served.
+
+Trust model. A node is never its own witness: its ``TimingReport`` s feed the
+meta-training set (scheduler rows) but never move its reputation, since a node that
+lies ("ok, fast") would otherwise keep a perfect score. The evidence comes from the
+other two parties of each request:
+
+- the **broker** that routed it publishes a ``RoutingRecord`` (request id, requesting
+  agent, group, predicted tokens/s, ``routed_at``) *before* the ``RoutedTask``, so a node
+  only learns a request id after the genuine record is on the stream;
+- the **agent** publishes an ``OutcomeReport`` when the request is over: which node
+  answered (``InferenceResult.node_id``), ok or the typed error, and its own clock's
+  time to first token, total time and token rate.
+
+The ledger keeps the records in a bounded map (``pending_routes``, oldest dropped) and
+judges a node when the outcome of a recorded request arrives, once per request. An
+outcome counts only when a record for its request id is known, its ``agent_id`` is the
+one that sent the request, and the group it names is the group the request was routed
+to; otherwise it is ignored (counted in :attr:`ReputationLedger.ignored`). Counting an
+outcome without a record would let any writer of the stream sink any node with
+invented request ids. The event time of a judgement is the broker's ``routed_at``,
+never a time an agent or a node wrote, so nobody can age evidence away.
+
+What can still lie. Results are not signed: an agent can *defame* the node that
+served it (or name any node id within the group its request was routed to), once per
+request it really sent; a node can put another node's id on its results. Agent ids and
+node ids are not authenticated on AMQP. The next step is signing each result with the
+node's DHT key (the key its signed ``NodeRecord`` carries) and having the agent forward
+the signature in its outcome, so brokers can check who answered. A deadline that
+passed with no answer and no streamed tokens cannot be blamed on anyone (nobody knows
+which node, if any, held the task): it is counted in :attr:`ReputationLedger.unattributed`
+and moves no score.
 
 Every broker feeds the same stream, in the same order, into a :class:`ReputationLedger`,
-so every broker (and `dinet-broker status`) rebuilds the same table. Evidence is
-aged by the *event* time of the reports (their ``finished_at``), never by the wall
-clock of the consumer, so a replay after a restart gives the same scores; only the
-final read-out ages the evidence to "now".
+so every broker (and `dinet-broker status`) rebuilds the same table; only the final
+read-out ages the evidence to "now".
 
 Score of a node, in [0, 1]::
 
     success = (S + w * prior) / (S + F + w)         S, F: decayed successes / failures
-    latency = 0.5 + 0.5 * (L + w) / (n + w)          L: decayed sum of min(1, actual/predicted) over n
+    latency = 0.5 + 0.5 * (L + w) / (n + w)          L: decayed sum of min(1, observed/predicted) over n
     score   = success * latency
 
-A failure is a node-side error (NODE_FAILURE, INTERNAL, unspecified), a deadline the
-node missed after starting work (weighted ``timeout_weight``), or a stall: a
-successful run at less than ``stall_ratio`` of the throughput the scheduler
-predicted. Errors that are the client's fault (bad prompt, budget, ...) are neutral.
-Latency alone cannot push a node below 0.5: a mispredicting scheduler must not
-ban the whole swarm. A node's own claims (self-reported scores) are never read.
+A failure is a node-side error the agent received (NODE_FAILURE, INTERNAL, unspecified),
+a deadline the node missed after the agent had received tokens from it (weighted
+``timeout_weight``; an answered DEADLINE_EXCEEDED with no token streamed is neutral, the
+task may have waited in the group queue), or a stall: a success at an agent-observed
+rate under ``stall_ratio`` of the throughput the broker's record predicted. Errors that
+are the client's fault (bad prompt, budget, ...) are neutral. Latency alone cannot push
+a node below 0.5: a mispredicting scheduler must not ban the whole swarm.
 """
+
 
 from __future__ import annotations
 
-import math
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from broker.config import ReputationConfig
-from proto import messages_pb2
+from broker.evidence import Outcome, Route
 from proto.common_pb2 import ErrorCode
 
 NODE_FAULTS = frozenset({ErrorCode.ERROR_CODE_UNSPECIFIED, ErrorCode.NODE_FAILURE, ErrorCode.INTERNAL})
+ROUTES_PER_REQUEST = 4  # a request routed again (broker crash, redelivery) keeps its first few records
+BROKER_NODE_PREFIX = "broker:"  # node id of an error result a broker sent itself: not a node
 
 
 @dataclass
@@ -43,7 +76,7 @@ class NodeStanding:
     latency_sum: float = 0.0
     latency_n: float = 0.0
     updated_at: float = 0.0  # event time of the evidence above
-    reports: int = 0  # reports ever seen (not decayed)
+    reports: int = 0  # outcomes ever attributed to it (not decayed)
     last_error: str = ""
 
     def decayed(self, now: float, half_life_s: float) -> NodeStanding:
@@ -82,48 +115,92 @@ class NodeReputation:
 
 
 class ReputationLedger:
-    """Folds TimingReports into per-node standings; read scores with :meth:`score`."""
+    """Joins brokers' routing records with agents' outcomes into per-node standings; read with :meth:`score`."""
 
     def __init__(self, config: ReputationConfig | None = None) -> None:
         self.config = config or ReputationConfig()
         self._nodes: dict[str, NodeStanding] = {}
-        self.observed = 0  # reports folded in
+        self._routes: OrderedDict[str, tuple[Route, ...]] = OrderedDict()  # request id -> records, oldest first
+        self.observed = 0  # outcomes attributed to a node (changes whenever a score may have)
+        self.unattributed = 0  # outcomes of recorded requests that no node can be blamed for
+        self.ignored: Counter[str] = Counter()  # outcomes (and records) not counted, by reason
 
-    def observe(self, report: messages_pb2.TimingReport) -> None:
-        if not report.node_id:
+    def record_route(self, route: Route) -> None:
+        """Remember a broker's decision until its agent reports the outcome (bounded, oldest dropped)."""
+        known = self._routes.get(route.request_id, ())
+        if any(r.group == route.group for r in known) or len(known) >= ROUTES_PER_REQUEST:
+            self.ignored["route already recorded"] += 1  # the first record per group wins
             return
+        self._routes[route.request_id] = (*known, route)
+        while len(self._routes) > self.config.pending_routes:
+            self._routes.popitem(last=False)
+            self.ignored["route expired unjudged"] += 1
+
+    @property
+    def pending_routes(self) -> int:
+        return len(self._routes)
+
+    def judge(self, outcome: Outcome) -> bool:
+        """Fold one agent outcome in; returns whether it was accepted (attributed or unattributed)."""
+        route = self._route_for(outcome)
+        if route is None:
+            return False
+        del self._routes[outcome.request_id]  # one judgement per request
+        if not outcome.node_id:
+            self.unattributed += 1
+            return True
         cfg = self.config
-        node = self._nodes.get(report.node_id)
+        node = self._nodes.get(outcome.node_id)
         if node is None:
-            node = self._nodes[report.node_id] = NodeStanding(report.node_id)
-        when = report.finished_at if math.isfinite(report.finished_at) and report.finished_at > 0 else 0.0
-        when = max(when, node.updated_at)
-        aged = node.decayed(when, cfg.half_life_s)
-        aged.group = report.group or node.group
+            node = NodeStanding(outcome.node_id)
+        aged = node.decayed(max(route.routed_at, node.updated_at), cfg.half_life_s)
+        aged.group = route.group
         aged.reports += 1
-        if report.ok:
-            predicted = report.decision.predicted_tokens_per_s
-            actual = report.timing.tokens_per_s
-            if predicted > 0 and math.isfinite(predicted) and math.isfinite(actual) and actual >= 0:
-                ratio = actual / predicted
+        self._fold(aged, outcome, route)
+        self._nodes[outcome.node_id] = aged
+        self.observed += 1
+        return True
+
+    def _route_for(self, outcome: Outcome) -> Route | None:
+        """The broker record this outcome may be judged against, or None (and why, in :attr:`ignored`)."""
+        routes = self._routes.get(outcome.request_id)
+        reason = ""
+        route = None
+        if not routes:
+            reason = "no routing record for the request"
+        elif outcome.node_id.startswith(BROKER_NODE_PREFIX):
+            reason = "answered by a broker, not a node"
+        else:
+            route = next((r for r in routes if r.group == outcome.group), None) if outcome.group else routes[0]
+            if route is None:
+                reason = "group differs from the routing record"
+            elif route.agent_id != outcome.agent_id:
+                reason, route = "agent is not the one that sent the request", None
+        if reason:
+            self.ignored[reason] += 1
+        return route
+
+    def _fold(self, aged: NodeStanding, outcome: Outcome, route: Route) -> None:
+        cfg = self.config
+        if outcome.ok:
+            predicted = route.predicted_tokens_per_s
+            rate = outcome.observed_rate()
+            if predicted > 0 and rate is not None:
+                ratio = rate / predicted
                 aged.latency_sum += min(1.0, ratio)
                 aged.latency_n += 1.0
                 if ratio < cfg.stall_ratio:
                     aged.failures += 1.0
                     aged.last_error = "STALL"
-                else:
-                    aged.successes += 1.0
-            else:
-                aged.successes += 1.0
-        elif report.error_code == ErrorCode.DEADLINE_EXCEEDED:
-            if report.timing.total_s > 0:  # it started and then missed it: the node stalled
+                    return
+            aged.successes += 1.0
+        elif outcome.deadline_passed or outcome.error_code == ErrorCode.DEADLINE_EXCEEDED:
+            if outcome.new_tokens > 0:  # it had started answering, then missed the deadline: it stalled
                 aged.failures += cfg.timeout_weight
                 aged.last_error = "TIMEOUT"
-        elif report.error_code in NODE_FAULTS:
+        elif outcome.answered and outcome.error_code in NODE_FAULTS:
             aged.failures += 1.0
-            aged.last_error = ErrorCode.Name(report.error_code)
-        self._nodes[report.node_id] = aged
-        self.observed += 1
+            aged.last_error = ErrorCode.Name(outcome.error_code)  # type: ignore[arg-type]
 
     def score(self, node_id: str, now: float) -> float:
         node = self._nodes.get(node_id)
@@ -142,7 +219,7 @@ class ReputationLedger:
         return self.score(node_id, now) >= self.config.threshold
 
     def nodes_of_group(self, group: str, now: float) -> list[str]:
-        """Nodes that reported for ``group`` within ``node_seen_ttl_s`` (event time)."""
+        """Nodes judged in ``group`` within ``node_seen_ttl_s`` (event time)."""
         horizon = now - self.config.node_seen_ttl_s
         return sorted(
             n.node_id for n in self._nodes.values() if n.group == group and n.updated_at >= horizon

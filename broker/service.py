@@ -8,7 +8,8 @@ results) absorb.
 
 Per delivery, one of:
 
-- routed: RoutedTask published (confirm + mandatory), then the request is acked;
+- routed: a RoutingRecord (the decision, for reputation) appended to the telemetry
+  stream, then the RoutedTask published (confirm + mandatory), then the request is acked;
 - refused (bad input, unknown model, past deadline, over budget): a typed error goes
   to ``reply_to`` and the request is rejected without requeue -> dead-letter queue;
 - crashed (an unexpected exception): rejected *with* requeue, until the delivery
@@ -57,6 +58,7 @@ from broker.telemetry import TelemetryConsumer
 from broker.validation import parse_request, reply_target, validate_request
 from proto import messages_pb2
 from proto.errors import DeliveryLimitError, DinetError
+from proto.telemetry import ROUTING_RECORD
 from proto.topology import DELIVERY_LIMIT, Topology
 from scheduler.interface import SchedulingPolicy
 
@@ -235,6 +237,9 @@ class BrokerService:
             else:
                 decision = router.route(request, now=now, concurrency=self._pending)
             body = messages_pb2.RoutedTask(request=request, decision=decision).SerializeToString()
+            record = messages_pb2.RoutingRecord(
+                request_id=request.request_id, agent_id=request.agent_id, model=request.model, decision=decision
+            ).SerializeToString()
         except DinetError as error:
             return await self._refuse(delivery, request, error)
         except Exception:
@@ -246,6 +251,8 @@ class BrokerService:
         expiration = request.deadline_unix - now if request.deadline_unix else None
         try:
             await self._ensure_group(group)
+            if self.config.record_routes:
+                await self._record_route(channel, request.request_id, record)
             await publish(
                 channel,
                 body,
@@ -264,6 +271,21 @@ class BrokerService:
             return Outcome.REQUEUE
         self.stats.by_group[group] = self.stats.by_group.get(group, 0) + 1
         return Outcome.ACK
+
+    async def _record_route(self, channel: AbstractChannel, request_id: str, record: bytes) -> None:
+        """Append the decision to the telemetry stream, confirmed, *before* the task exists.
+
+        Reputation judges the node against this record (broker/reputation.py); publishing it first
+        means a node learns a request id only after the genuine record is on the stream. A refused
+        record is logged and the request still goes out (it is then judged on nothing); transport
+        errors propagate and requeue the request like a failed task publish.
+        """
+        try:
+            await publish(channel, record, self.topology.telemetry_stream, message_id=f"{request_id}:route",
+                          type_=ROUTING_RECORD, timeout_s=self.config.publish_timeout_s)
+        except REFUSED_ERRORS as exc:
+            self.stats.unrecorded += 1
+            logger.warning("routing record of %s refused by RabbitMQ (%s); it will not be judged", request_id, exc)
 
     def _ready(self) -> tuple[Router, AbstractChannel]:
         if self.router is None or self._publish_channel is None:

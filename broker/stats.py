@@ -26,6 +26,7 @@ class BrokerStats:
     requeued: int = 0
     crashed: int = 0
     reconnects: int = 0
+    unrecorded: int = 0  # routing records RabbitMQ refused (those requests are not judged for reputation)
     sched_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))  # parse..decision, per request
     # the selection alone (Router.route: candidates, features, policy.select, decision), per routed request; the
     # part of sched_ms that a scheduler changes (parse, validate and serialise are the same for every policy)
@@ -46,6 +47,7 @@ class BrokerStats:
             "requeued": self.requeued,
             "crashed": self.crashed,
             "reconnects": self.reconnects,
+            "unrecorded": self.unrecorded,
             "sched_p50_ms": round(percentile(samples, 50), 4),
             "sched_p99_ms": round(percentile(samples, 99), 4),
             "select_p50_ms": round(percentile(list(self.select_ms), 50), 4),

@@ -64,7 +64,7 @@ async def replay_telemetry(
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         raw = (message.headers or {}).get("x-stream-offset")
-        consumer.handle(message.body, int(raw) if isinstance(raw, int) else None)
+        consumer.handle(message.body, int(raw) if isinstance(raw, int) else None, message.type)
         await message.ack()
         done.clear()
 
@@ -125,7 +125,9 @@ async def collect_status(
             "completed_per_s": round(len(recent) / window_s, 3),
             "failed_per_s": round(sum(1 for r in recent if not r[2]) / window_s, 3),
         },
-        "telemetry_reports": len(recorder.reports),
+        "telemetry_reports": len(recorder.reports),  # nodes' own TimingReports
+        # agents' outcomes: judged (moved a score), unattributed (no node to blame), ignored (by reason)
+        "outcomes": {"judged": ledger.observed, "unattributed": ledger.unattributed, "ignored": dict(ledger.ignored)},
         "schedulers": [{"scheduler": s, "version": v, "decisions": n} for (s, v), n in schedulers.most_common()],
         "reputation_threshold": ledger.config.threshold,
     }
@@ -163,6 +165,10 @@ def format_status(status: dict[str, Any]) -> str:
     rates = status["rates"]
     out += ["", f"Rates over the last {status['window_s']:.0f}s: {rates['completed_per_s']} completed/s, "
             f"{rates['failed_per_s']} failed/s ({status['telemetry_reports']} telemetry reports in total)"]
+    seen = status.get("outcomes", {})
+    if seen:
+        out.append(f"Agents' outcomes: {seen['judged']} judged, {seen['unattributed']} with no node to blame, "
+                   f"{sum(seen['ignored'].values())} ignored")
     dead = status["dead_letters"]
     out.append(f"Dead letters: {dead['messages']} in {dead['queue']}")
     sched = ", ".join(f"{s['scheduler']}{'@' + s['version'] if s['version'] else ''} ({s['decisions']})"

@@ -1,10 +1,12 @@
 """The node's side of the telemetry stream: building ``TimingReport`` rows and replaying recent ones.
 
 Every finished task (answered or failed with a typed error) becomes one ``TimingReport``
-on ``<namespace>.telemetry``: a row of the scheduler's meta-training set and an entry
-of the brokers' reputation ledger. A node also *reads* the stream's recent past at
-start-up and keeps following it, so it learns which requests any node already answered
-(see :mod:`node.dedup`).
+on ``<namespace>.telemetry``: a row of the scheduler's meta-training set. It does not
+move the node's reputation (brokers judge nodes on what agents report, see
+broker/reputation.py). A node also *reads* the stream's recent past at start-up and
+keeps following it, so it learns which requests any node already answered (see
+:mod:`node.dedup`); only ``TimingReport`` entries count for that, never the brokers'
+routing records (published *before* a task) or the agents' outcomes.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from node.dedup import RecentIds
 from proto import common_pb2, messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.records import HardwareInfo
+from proto.telemetry import TIMING_REPORT, entry_kind
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
 
-REPORT_TYPE = messages_pb2.TimingReport.DESCRIPTOR.name
+REPORT_TYPE = TIMING_REPORT
 TASK_TEXT_CHARS = 256  # prompt prefix kept in a report for the scheduler's LM embedding
 
 
@@ -118,10 +121,12 @@ class TelemetryTail:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._last_message_at = time.monotonic()
-        try:
-            report = messages_pb2.TimingReport.FromString(message.body)
-        except DecodeError:
-            report = None
+        report = None
+        if entry_kind(message.type) == TIMING_REPORT:
+            try:
+                report = messages_pb2.TimingReport.FromString(message.body)
+            except DecodeError:
+                report = None
         if report is not None and report.request_id and not report.broker_reported:
             self.answered.add(report.request_id, report.finished_at or None)
             if report.finished_at >= self._started_at:

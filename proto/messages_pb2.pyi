@@ -179,3 +179,45 @@ class TimingReport(_message.Message):
     finished_at: float
     broker_reported: str
     def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., ok: _Optional[bool] = ..., error_code: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., shared_prefix_ratio: _Optional[float] = ..., concurrency_at_arrival: _Optional[int] = ..., task_text: _Optional[str] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., decision: _Optional[_Union[RoutingDecision, _Mapping]] = ..., finished_at: _Optional[float] = ..., broker_reported: _Optional[str] = ...) -> None: ...
+
+class OutcomeReport(_message.Message):
+    __slots__ = ("request_id", "node_id", "group", "answered", "ok", "error_code", "deadline_passed", "ttft_s", "total_s", "tokens_per_s", "new_tokens", "observed_at", "agent_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_PASSED_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    node_id: str
+    group: str
+    answered: bool
+    ok: bool
+    error_code: _common_pb2.ErrorCode
+    deadline_passed: bool
+    ttft_s: float
+    total_s: float
+    tokens_per_s: float
+    new_tokens: int
+    observed_at: float
+    agent_id: str
+    def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., answered: _Optional[bool] = ..., ok: _Optional[bool] = ..., error_code: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., deadline_passed: _Optional[bool] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., observed_at: _Optional[float] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class RoutingRecord(_message.Message):
+    __slots__ = ("request_id", "agent_id", "model", "decision")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    agent_id: str
+    model: str
+    decision: RoutingDecision
+    def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., decision: _Optional[_Union[RoutingDecision, _Mapping]] = ...) -> None: ...

@@ -22,6 +22,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from google.protobuf.message import Message
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
@@ -132,7 +133,11 @@ def behave_ok(task: messages_pb2.RoutedTask) -> tuple[bool, int, float]:
 
 @dataclass
 class StubGroup:
-    """Consumes one group queue as ``node_id``: answers each task and (optionally) reports to telemetry."""
+    """Consumes one group queue as ``node_id``: answers each task and (optionally) reports to telemetry.
+
+    ``lie``: its TimingReports claim success at 1000 tokens/s whatever it did (reputation must not care).
+    ``with_tokens``: answers carry ``max_new_tokens`` token ids, so an agent can measure a rate.
+    """
 
     url: str
     topology: Topology
@@ -140,6 +145,8 @@ class StubGroup:
     node_id: str = "stub-node"
     behaviour: Behaviour = behave_ok
     report: bool = False
+    lie: bool = False
+    with_tokens: bool = False
     prefetch: int = 64
     tasks: list[messages_pb2.RoutedTask] = field(default_factory=list)
     connection: AbstractRobustConnection | None = None
@@ -169,6 +176,7 @@ class StubGroup:
             request_id=request.request_id, ok=ok, node_id=self.node_id, group=self.group,
             method=task.decision.method, text="echo:" + request.prompt if ok else "",
             finish_reason="length" if ok else "error",
+            token_ids=range(tokens) if ok and self.with_tokens else (),
         )
         if not ok:
             result.error.code = code  # type: ignore[assignment]
@@ -177,14 +185,15 @@ class StubGroup:
             await publish_confirmed(self.publish_channel, result.SerializeToString(), request.reply_to, attempts=3)
             if self.report:
                 total = delay or 0.01
+                rate = 1000.0 if self.lie else tokens / total
                 report = messages_pb2.TimingReport(
                     request_id=request.request_id, node_id=self.node_id, group=self.group, model=request.model,
-                    method=task.decision.method, ok=ok, error_code=code, decision=task.decision,
-                    finished_at=time.time(),
-                    timing=messages_pb2.Timing(new_tokens=tokens, total_s=total, tokens_per_s=tokens / total),
+                    method=task.decision.method, ok=ok or self.lie, error_code=0 if self.lie else code,
+                    decision=task.decision, finished_at=time.time(),
+                    timing=messages_pb2.Timing(new_tokens=tokens, total_s=total, tokens_per_s=rate),
                 )
                 await publish_confirmed(self.publish_channel, report.SerializeToString(),
-                                        self.topology.telemetry_stream, attempts=3)
+                                        self.topology.telemetry_stream, attempts=3, type="TimingReport")
             await message.ack()
         except TRANSPORT:
             return  # redelivered after the reconnect
@@ -211,12 +220,15 @@ async def drain_queue(url: str, name: str, *, settle_s: float = 0.3) -> list[Abs
     return out
 
 
-async def publish_report(url: str, topology: Topology, report: messages_pb2.TimingReport) -> None:
+async def publish_report(url: str, topology: Topology, *entries: Message) -> None:
+    """Append telemetry entries (TimingReport, RoutingRecord, OutcomeReport), each typed by its message name."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
         await topology.telemetry_spec().declare(channel)
-        await publish_confirmed(channel, report.SerializeToString(), topology.telemetry_stream)
+        for entry in entries:
+            await publish_confirmed(channel, entry.SerializeToString(), topology.telemetry_stream,
+                                    type=entry.DESCRIPTOR.name)
     finally:
         await connection.close()
 

@@ -12,6 +12,7 @@ from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.topology import PRIORITIES, Topology
 from tests.helpers_broker import ROOT, publish_report
+from tests.helpers_reputation import outcome_proto
 
 
 def broker_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -44,11 +45,17 @@ async def test_init_is_idempotent_and_status_shows_the_deployment(amqp_url: str,
     assert topology.group_queue("g1") in out.stdout
     now = time.time()
     for i in range(6):
-        ok = i % 3 != 0
-        await publish_report(amqp_url, topology, messages_pb2.TimingReport(
-            request_id=f"r{i}", node_id="node-a" if ok else "node-b", group="g1", model="tiny", ok=ok,
-            error_code=ErrorCode.ERROR_CODE_UNSPECIFIED if ok else ErrorCode.NODE_FAILURE, finished_at=now,
-            decision=messages_pb2.RoutingDecision(scheduler="fixed-rule", group="g1")))
+        ok = i % 3 != 0  # as the agents saw it; every node claims success for itself
+        node = "node-a" if ok else "node-b"
+        decision = messages_pb2.RoutingDecision(scheduler="fixed-rule", group="g1", routed_at=now)
+        await publish_report(
+            amqp_url, topology,
+            messages_pb2.RoutingRecord(request_id=f"r{i}", agent_id="a1", model="tiny", decision=decision),
+            messages_pb2.TimingReport(request_id=f"r{i}", node_id=node, group="g1", model="tiny", ok=True,
+                                      finished_at=now, decision=decision),
+            outcome_proto(f"r{i}", node, group="g1", ok=ok,
+                          code=ErrorCode.ERROR_CODE_UNSPECIFIED if ok else ErrorCode.NODE_FAILURE),
+        )
     args = ("status", "--amqp-url", amqp_url, "--namespace", topology.namespace, "--static-group", "g1=tiny")
     out = await asyncio.to_thread(broker_cli, *args, "--json")
     assert out.returncode == 0, out.stderr
@@ -60,6 +67,7 @@ async def test_init_is_idempotent_and_status_shows_the_deployment(amqp_url: str,
     assert nodes["node-a"]["eligible"] and nodes["node-a"]["reports"] == 4
     assert nodes["node-b"]["score"] < nodes["node-a"]["score"]
     assert status["telemetry_reports"] == 6 and status["rates"]["completed_per_s"] > 0
+    assert status["outcomes"] == {"judged": 6, "unattributed": 0, "ignored": {}}
     assert status["schedulers"][0]["scheduler"] == "fixed-rule"
     table = await asyncio.to_thread(broker_cli, *args)
     assert table.returncode == 0

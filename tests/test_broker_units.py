@@ -39,6 +39,7 @@ from proto.errors import (
 from proto.records import NodeRecord
 from proto.topology import Topology
 from scheduler.interface import FixedRulePolicy
+from tests.helpers_reputation import judge
 
 TOPO = Topology("unit")
 LIMITS = ValidationLimits()
@@ -138,67 +139,46 @@ async def test_gate_cancelled_waiter_passes_its_slot_on() -> None:
     await asyncio.wait_for(gate.acquire("normal"), 1)  # the slot was not lost
 
 
-# -- reputation ------------------------------------------------------------------------------
-def report(node: str, *, ok: bool = True, code: int = 0, at: float, group: str = "g", **timing: float
-           ) -> messages_pb2.TimingReport:
-    predicted = timing.pop("predicted", 0.0)
-    return messages_pb2.TimingReport(
-        node_id=node, group=group, ok=ok, error_code=code, finished_at=at,  # type: ignore[arg-type]
-        timing=messages_pb2.Timing(**timing),
-        decision=messages_pb2.RoutingDecision(predicted_tokens_per_s=predicted),
-    )
-
-
+# -- reputation (evidence: the broker's routing record joined with the agent's outcome) -------
 def test_failures_sink_a_node_and_decay_restores_it() -> None:
     ledger = ReputationLedger(ReputationConfig(half_life_s=10.0))
     assert ledger.score("new", 0.0) == 1.0  # nobody judged it yet
     for i in range(4):
-        ledger.observe(report("n1", ok=False, code=ErrorCode.NODE_FAILURE, at=100.0 + i))
+        judge(ledger, "n1", ok=False, code=ErrorCode.NODE_FAILURE, at=100.0 + i)
     assert not ledger.eligible("n1", 104.0)
     assert ledger.eligible("n1", 104.0 + 30.0)  # three half-lives later the evidence has faded
     for i in range(5):
-        ledger.observe(report("n1", at=140.0 + i))
+        judge(ledger, "n1", at=140.0 + i)
     assert ledger.score("n1", 145.0) > 0.7
 
 
 def test_client_errors_are_neutral_and_timeouts_weigh_more() -> None:
     ledger = ReputationLedger()
     for i in range(10):
-        ledger.observe(report("n1", ok=False, code=ErrorCode.PROMPT_TOO_LONG, at=float(i)))
+        judge(ledger, "n1", ok=False, code=ErrorCode.PROMPT_TOO_LONG, at=float(i))
     assert ledger.score("n1", 10.0) == 1.0
-    ledger.observe(report("n2", ok=False, code=ErrorCode.DEADLINE_EXCEEDED, at=1.0, total_s=5.0))
-    ledger.observe(report("n3", ok=False, code=ErrorCode.NODE_FAILURE, at=1.0))
+    judge(ledger, "n2", ok=False, code=ErrorCode.DEADLINE_EXCEEDED, at=1.0, new_tokens=3)  # started, then missed
+    judge(ledger, "n3", ok=False, code=ErrorCode.NODE_FAILURE, at=1.0)
     assert ledger.score("n2", 1.0) < ledger.score("n3", 1.0)
-    ledger.observe(report("n4", ok=False, code=ErrorCode.DEADLINE_EXCEEDED, at=1.0))  # late on arrival
+    judge(ledger, "n4", ok=False, code=ErrorCode.DEADLINE_EXCEEDED, at=1.0, new_tokens=0)  # nothing streamed
     assert ledger.score("n4", 1.0) == 1.0
 
 
 def test_stalls_against_the_prediction_count_as_failures() -> None:
     ledger = ReputationLedger()
     for i in range(3):
-        ledger.observe(report("slow", at=float(i), tokens_per_s=1.0, predicted=50.0))
-        ledger.observe(report("fast", at=float(i), tokens_per_s=60.0, predicted=50.0))
-        ledger.observe(report("meh", at=float(i), tokens_per_s=20.0, predicted=50.0))
+        judge(ledger, "slow", at=float(i), tokens_per_s=1.0, predicted=50.0)
+        judge(ledger, "fast", at=float(i), tokens_per_s=60.0, predicted=50.0)
+        judge(ledger, "meh", at=float(i), tokens_per_s=20.0, predicted=50.0)
     assert not ledger.eligible("slow", 3.0)
     assert ledger.score("fast", 3.0) == 1.0
     assert 0.5 <= ledger.score("meh", 3.0) < 1.0  # slower than predicted, but latency alone never bans
 
 
-def test_replaying_the_same_stream_gives_the_same_table() -> None:
-    reports = [report(f"n{i % 3}", ok=i % 4 != 0, code=ErrorCode.INTERNAL if i % 4 == 0 else 0, at=float(i),
-                      tokens_per_s=10.0, predicted=12.0) for i in range(50)]
-    first, second = ReputationLedger(), ReputationLedger()
-    for r in reports:
-        first.observe(r)
-        second.observe(r)
-    assert first.table(60.0) == second.table(60.0)
-    assert {row.node_id for row in first.table(60.0)} == {"n0", "n1", "n2"}
-
-
-def test_a_report_from_the_past_does_not_undo_decay() -> None:
+def test_evidence_from_the_past_does_not_undo_decay() -> None:
     ledger = ReputationLedger(ReputationConfig(half_life_s=1.0))
-    ledger.observe(report("n", ok=False, code=ErrorCode.NODE_FAILURE, at=100.0))
-    ledger.observe(report("n", ok=False, code=ErrorCode.NODE_FAILURE, at=50.0))  # clock skew: treated as t=100
+    judge(ledger, "n", ok=False, code=ErrorCode.NODE_FAILURE, at=100.0)
+    judge(ledger, "n", ok=False, code=ErrorCode.NODE_FAILURE, at=50.0)  # routed earlier, judged later: t=100
     assert ledger.table(100.0)[0].failures == 2.0
 
 
@@ -209,7 +189,7 @@ def make_router(static: dict[str, tuple[str, ...]], ledger: ReputationLedger | N
 
 def test_route_picks_a_live_group_and_records_reputations() -> None:
     ledger = ReputationLedger()
-    ledger.observe(report("n1", group="g1", at=time.time()))
+    judge(ledger, "n1", group="g1", at=time.time())
     decision = make_router({"g1": ("tiny",), "g0": ("other",)}, ledger).route(request(), now=time.time())
     assert decision.group == "g1" and decision.scheduler == "fixed-rule" and decision.broker_id == "b1"
     assert dict(decision.reputations) == {"n1": 1.0}
@@ -238,13 +218,13 @@ def test_a_window_is_routed_like_one_request_at_a_time_with_errors_in_their_slot
 def test_candidates_are_reused_until_a_report_or_the_clock_moves() -> None:
     now = time.time()
     ledger = ReputationLedger()
-    ledger.observe(report("bad", group="gz", at=now))
-    ledger.observe(report("good", group="ga", at=now))
+    judge(ledger, "bad", group="gz", at=now)
+    judge(ledger, "good", group="ga", at=now)
     router = make_router({"ga": ("tiny",), "gz": ("tiny",)}, ledger)
     first = router.candidates(request(), now)
     assert router.candidates(request(), now + 0.5) is first  # same objects: the policy's caches hit
     for i in range(5):  # a burst of failures is seen by the very next request, not after a TTL
-        ledger.observe(report("bad", group="gz", ok=False, code=ErrorCode.NODE_FAILURE, at=now + i))
+        judge(ledger, "bad", group="gz", ok=False, code=ErrorCode.NODE_FAILURE, at=now + i)
     assert [c.group for c in router.candidates(request(), now + 5)] == ["ga"]
     assert router.candidates(request(), now + 7) is not router.candidates(request(), now + 5)
 
@@ -253,8 +233,8 @@ def test_nodes_below_threshold_get_no_work() -> None:
     now = time.time()
     ledger = ReputationLedger()
     for i in range(5):
-        ledger.observe(report("bad", group="gz", ok=False, code=ErrorCode.NODE_FAILURE, at=now + i))
-        ledger.observe(report("good", group="ga", at=now + i))
+        judge(ledger, "bad", group="gz", ok=False, code=ErrorCode.NODE_FAILURE, at=now + i)
+        judge(ledger, "good", group="ga", at=now + i)
     router = make_router({"ga": ("tiny",), "gz": ("tiny",)}, ledger)
     assert router.route(request(), now=now + 5).group == "ga"  # the fixed rule would prefer gz
     with pytest.raises(NoRouteError):

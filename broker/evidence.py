@@ -1,0 +1,144 @@
+"""Checked evidence for reputation: agents' ``OutcomeReport`` s and brokers' ``RoutingRecord`` s.
+
+Anyone who can write to the telemetry stream can write these, so every field is checked
+before the ledger sees it (finite, non-negative numbers, bounded strings, a known error
+code, fields that agree with each other). A bad entry raises :class:`EvidenceError`,
+which the telemetry consumer logs and skips: it never stops the consumer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError, Message
+
+from proto import messages_pb2
+from proto.common_pb2 import ErrorCode
+
+MAX_ID_CHARS = 128  # request ids, node ids, agent ids, group names
+MAX_SECONDS = 7 * 86400.0  # a request measured as taking longer than a week is not a measurement
+MAX_TOKENS_PER_S = 1e7
+MAX_NEW_TOKENS = 1 << 20
+MIN_UNIX = 1e9  # 2001: an event time before this is a zero or a broken clock
+MAX_UNIX = 1e11
+KNOWN_CODES = frozenset(ErrorCode.values())
+
+
+class EvidenceError(ValueError):
+    """A telemetry entry that is not acceptable evidence; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the broker that routed a request decided (from its ``RoutingRecord``)."""
+
+    request_id: str
+    agent_id: str
+    group: str
+    predicted_tokens_per_s: float  # 0 = the scheduler made no prediction
+    routed_at: float  # broker clock, unix seconds: the event time of any judgement of this request
+    broker_id: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an agent saw for one of its requests (from its ``OutcomeReport``)."""
+
+    request_id: str
+    agent_id: str
+    node_id: str  # "" when nothing at all came back
+    group: str  # "" when no result came
+    answered: bool
+    ok: bool
+    error_code: int
+    deadline_passed: bool
+    ttft_s: float
+    total_s: float
+    tokens_per_s: float
+    new_tokens: int
+    observed_at: float
+
+    def observed_rate(self) -> float | None:
+        """Tokens/s the agent got, or None when it cannot be told.
+
+        The agent's decode rate after the first token when it measured one; when the whole
+        answer arrived at once (nothing streamed), the end-to-end rate, which can only make
+        the node look slower, never faster; a one-token answer has no rate.
+        """
+        if self.tokens_per_s > 0:
+            return self.tokens_per_s
+        if self.new_tokens >= 2 and self.total_s > 0:
+            return self.new_tokens / self.total_s
+        return None
+
+
+def _text(value: str, name: str, *, required: bool = False) -> str:
+    if required and not value:
+        raise EvidenceError(f"{name} is empty")
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise EvidenceError(f"{name} is longer than {MAX_ID_CHARS} characters or not printable")
+    return value
+
+
+def _number(value: float, name: str, high: float) -> float:
+    if not math.isfinite(value) or value < 0 or value > high:
+        raise EvidenceError(f"{name}={value!r} is not a finite number in [0, {high:g}]")
+    return float(value)
+
+
+def _parse_into(message: Message, body: bytes) -> None:
+    try:
+        message.ParseFromString(body)
+    except (DecodeError, ValueError) as exc:
+        raise EvidenceError(f"{type(message).__name__} does not parse ({exc})") from exc
+
+
+def parse_route(body: bytes) -> Route:
+    """:raises EvidenceError: unparsable, or a field out of range."""
+    record = messages_pb2.RoutingRecord()
+    _parse_into(record, body)
+    decision = record.decision
+    routed_at = decision.routed_at
+    if not math.isfinite(routed_at) or not MIN_UNIX <= routed_at <= MAX_UNIX:
+        raise EvidenceError(f"decision.routed_at={routed_at!r} is not a plausible unix time")
+    return Route(
+        request_id=_text(record.request_id, "request_id", required=True),
+        agent_id=_text(record.agent_id, "agent_id"),
+        group=_text(decision.group, "decision.group", required=True),
+        predicted_tokens_per_s=_number(decision.predicted_tokens_per_s, "predicted_tokens_per_s", MAX_TOKENS_PER_S),
+        routed_at=routed_at,
+        broker_id=_text(decision.broker_id, "decision.broker_id"),
+    )
+
+
+def parse_outcome(body: bytes) -> Outcome:
+    """:raises EvidenceError: unparsable, a field out of range, or fields that contradict each other."""
+    report = messages_pb2.OutcomeReport()
+    _parse_into(report, body)
+    if report.error_code not in KNOWN_CODES:
+        raise EvidenceError(f"error_code={report.error_code} is not a known ErrorCode")
+    if report.ok and (not report.answered or report.error_code != ErrorCode.ERROR_CODE_UNSPECIFIED):
+        raise EvidenceError("ok=true needs answered=true and no error_code")
+    if report.deadline_passed and report.answered:
+        raise EvidenceError("deadline_passed is only for requests that got no answer")
+    if report.answered and not report.node_id:
+        raise EvidenceError("an answered request names the node that answered it")
+    outcome = Outcome(
+        request_id=_text(report.request_id, "request_id", required=True),
+        agent_id=_text(report.agent_id, "agent_id"),
+        node_id=_text(report.node_id, "node_id"),
+        group=_text(report.group, "group"),
+        answered=report.answered,
+        ok=report.ok,
+        error_code=int(report.error_code),
+        deadline_passed=report.deadline_passed,
+        ttft_s=_number(report.ttft_s, "ttft_s", MAX_SECONDS),
+        total_s=_number(report.total_s, "total_s", MAX_SECONDS),
+        tokens_per_s=_number(report.tokens_per_s, "tokens_per_s", MAX_TOKENS_PER_S),
+        new_tokens=int(_number(report.new_tokens, "new_tokens", MAX_NEW_TOKENS)),
+        observed_at=_number(report.observed_at, "observed_at", MAX_UNIX),
+    )
+    if outcome.ttft_s > outcome.total_s + 1e-6:
+        raise EvidenceError(f"ttft_s={outcome.ttft_s} is after total_s={outcome.total_s}")
+    return outcome
