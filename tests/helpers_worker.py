@@ -25,6 +25,7 @@ from node.local_engine import LocalEngine
 from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
 from proto import messages_pb2
+from proto.telemetry import TIMING_REPORT, entry_kind
 from proto.topology import PRIORITIES, Topology
 
 MODEL_NAME = "tiny"
@@ -238,7 +239,7 @@ class Forwarder:
 
 async def read_telemetry(connection: AbstractRobustConnection, topology: Topology, *, expect: int,
                          timeout: float = 10.0) -> list[messages_pb2.TimingReport]:
-    """Replay the telemetry stream from its start until ``expect`` reports were read."""
+    """Replay the telemetry stream from its start until ``expect`` nodes' reports were read (other kinds skipped)."""
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=100)
     queue = await topology.telemetry_spec().declare(channel)
@@ -246,7 +247,8 @@ async def read_telemetry(connection: AbstractRobustConnection, topology: Topolog
     enough = asyncio.Event()
 
     async def on_message(message: AbstractIncomingMessage) -> None:
-        reports.append(messages_pb2.TimingReport.FromString(message.body))
+        if entry_kind(message.type) == TIMING_REPORT:  # not the agents' outcomes or brokers' records
+            reports.append(messages_pb2.TimingReport.FromString(message.body))
         await message.ack()
         if len(reports) >= expect:
             enough.set()
