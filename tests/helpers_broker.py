@@ -188,7 +188,8 @@ class StubGroup:
                 rate = 1000.0 if self.lie else tokens / total
                 report = messages_pb2.TimingReport(
                     request_id=request.request_id, node_id=self.node_id, group=self.group, model=request.model,
-                    method=task.decision.method, ok=ok or self.lie, error_code=0 if self.lie else code,
+                    method=task.decision.method, ok=ok or self.lie,
+                    error_code=0 if self.lie else code,  # type: ignore[arg-type]
                     decision=task.decision, finished_at=time.time(),
                     timing=messages_pb2.Timing(new_tokens=tokens, total_s=total, tokens_per_s=rate),
                 )

@@ -47,5 +47,6 @@ def outcome_proto(request_id: str, node: str, *, group: str, ok: bool = True, co
                   **fields: Any) -> messages_pb2.OutcomeReport:
     base: dict[str, Any] = {"answered": True, "ttft_s": 0.1, "total_s": 1.0, "new_tokens": 8, "observed_at": 1.0}
     base.update(fields)
-    return messages_pb2.OutcomeReport(request_id=request_id, node_id=node, group=group, ok=ok, error_code=code,
+    return messages_pb2.OutcomeReport(request_id=request_id, node_id=node, group=group, ok=ok,
+                                      error_code=code,  # type: ignore[arg-type]
                                       agent_id=agent, **base)

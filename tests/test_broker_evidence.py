@@ -10,6 +10,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 from agent.outcomes import Observation
 from broker.config import ReputationConfig
@@ -142,7 +143,7 @@ def test_bad_entries_are_dropped_and_the_consumer_keeps_going() -> None:
 def test_outcomes_that_do_not_match_the_routing_record_are_ignored() -> None:
     ledger = ReputationLedger()
     ledger.record_route(route("r1", group="g", at=T0, agent="alice"))
-    fail = {"ok": False, "code": ErrorCode.NODE_FAILURE}
+    fail: dict[str, Any] = {"ok": False, "code": ErrorCode.NODE_FAILURE}
     assert not ledger.judge(outcome("r1", "victim", group="other", agent="alice", **fail))  # not where it went
     assert not ledger.judge(outcome("r1", "victim", group="g", agent="mallory", **fail))  # not who asked
     assert not ledger.judge(outcome("r9", "victim", group="g", agent="alice", **fail))  # never routed
