@@ -46,6 +46,13 @@ def _num(d: dict[str, Any], key: str, *, default: float | None = None, lo: float
     return float(value)
 
 
+def _bool(d: dict[str, Any], key: str, *, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise RecordError(f"field {key!r} must be true or false")
+    return value
+
+
 def _int(d: dict[str, Any], key: str, *, default: int | None = None, lo: int = 0) -> int:
     value = d.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -124,6 +131,9 @@ class NodeRecord:
     # "every method" (nodes from before the field existed). A vLLM node is built for one method and
     # announces the few it serves, so brokers route only those to its group.
     methods: tuple[str, ...] = ()
+    # its BlockService speaks only TLS with the swarm's private CA (node/blocks/tls.py); absent in records from
+    # before the field = plaintext. Drivers route only through peers of their own mode.
+    tls: bool = False
 
     @property
     def serves_blocks(self) -> bool:
@@ -162,6 +172,7 @@ class NodeRecord:
             free_cache_bytes=_int(d, "free_cache_bytes", default=0),
             num_blocks=_int(d, "num_blocks", default=0),
             methods=_methods(d),
+            tls=_bool(d, "tls", default=False),
         )
 
 
@@ -190,6 +201,7 @@ class BlockRecord:
     throughput_tok_s: float = 0.0
     free_cache_bytes: int = 0
     load: float = 0.0
+    tls: bool = False  # the peer speaks only TLS (see NodeRecord.tls); absent = plaintext
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,4 +222,5 @@ class BlockRecord:
             throughput_tok_s=_num(d, "throughput_tok_s", default=0.0),
             free_cache_bytes=_int(d, "free_cache_bytes", default=0),
             load=_num(d, "load", default=0.0),
+            tls=_bool(d, "tls", default=False),
         )

@@ -36,6 +36,7 @@ from node.accel.chain_session import ChainSession, Head, Hop, HopError, LogitsBa
 from node.accel.prefix_cache import prefix_block_hashes
 from node.accel.server import MD_METHOD, MD_PREFIX_BLOCK, MD_PREFIX_HASHES, MD_PREFIX_HIT
 from node.accel.speculative import Drafter, DraftLength, NgramDrafter, verify_greedy
+from node.blocks.tls import TlsConfig, open_channel
 from node.engine import GenerationRequest
 from node.sampling import choose_next_token, make_generator
 from proto import blocks_pb2_grpc
@@ -81,6 +82,7 @@ class AccelChain:
         prefix_answer_s: float = 0.5,
         batched_steps: bool = True,
         pipeline_groups: int = 0,
+        tls: TlsConfig | None = None,
     ) -> None:
         if (hops is None) == (route is None):
             raise ValueError("give either a fixed chain (hops) or a route function, not both")
@@ -107,6 +109,7 @@ class AccelChain:
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
         self._stub_for = stub_for
+        self.tls = tls  # channels this driver opens itself (without stub_for) verify hops against the swarm CA
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._logits = LogitsBatcher(head, window_s=0.003)
         self._draft_pool: ThreadPoolExecutor | None = None  # draft-model forwards run here, off the event loop
@@ -131,7 +134,7 @@ class AccelChain:
         if self._stub_for is not None:
             return self._stub_for(address)
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = open_channel(address, self._options, self.tls)
         return blocks_pb2_grpc.BlockServiceStub(self._channels[address])
 
     def _link(self, hop: Hop) -> BatchLink:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -22,7 +22,7 @@ from node.accel.executor import BlockExecutor, StepItem
 from node.accel.server import AccelBlockServer, AccelServerConfig
 from node.blocks.chain_engine import ChainEngine
 from node.blocks.dht import Announcer, SwarmDHT
-from node.blocks.launch import ServingConfig, ServingHandle
+from node.blocks.launch import ServingConfig, ServingHandle, driver_config
 from node.blocks.loader import load_config, resolve_model_dir
 from node.blocks.server import BlockServicer
 from proto.records import HardwareInfo, NodeRecord
@@ -76,7 +76,7 @@ async def start_accelerated_serving(
                 prefix_block_tokens=options.prefix_block_tokens, prefix_cache_bytes=options.prefix_cache_bytes,
                 cache_budget_bytes=config.cache_bytes, session_idle_s=config.session_ttl_s,
                 max_session_length=min(config.limits.max_length, int(executor.config.max_position_embeddings)),
-                host=config.host, port=config.port, swarm_token=config.swarm_token,
+                host=config.host, port=config.port, swarm_token=config.swarm_token, tls=config.tls,
             ),
             executor=executor,
         )
@@ -91,16 +91,16 @@ async def start_accelerated_serving(
             peer_id=swarm.peer_id, address=address, group=config.group, models=(config.model_name,),
             start_block=start, end_block=end, hardware=hardware, throughput_tok_s=round(throughput, 2),
             load=round(servicer.load, 4), free_cache_bytes=servicer.free_cache_bytes, num_blocks=total,
+            tls=config.tls is not None,
         )
 
     announcer = Announcer(swarm, config.model_name, record, period_s=config.announce_period_s,
                           ttl_s=config.record_ttl_s)
     try:
         await announcer.start()
-        # the driver carries the swarm's token on every call, as node.blocks.launch does
-        chain = config.chain if config.chain.swarm_token else replace(config.chain, swarm_token=config.swarm_token)
+        # the driver carries the swarm's token and TLS on every call, as node.blocks.launch's does
         engine = ChainEngine(model_path=str(model_dir), model_name=config.model_name, records=swarm,
-                             config=chain, weight_format=config.weight_format)
+                             config=driver_config(config), weight_format=config.weight_format)
     except BaseException:
         await announcer.close(withdraw=False)
         await server.close(grace=0)

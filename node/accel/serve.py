@@ -20,6 +20,8 @@ import torch
 
 from node.accel.batching import BatchPolicy
 from node.accel.server import AccelBlockServer, AccelServerConfig
+from node.blocks.auth import SWARM_TOKEN_ENV, swarm_token_from_env
+from node.blocks.tls import add_tls_arguments, tls_from_args
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -52,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cohort-gap-ms", type=float, default=BatchPolicy.cohort_gap_ms,
                         help="...or for this long once the first step's cohort is back")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated network delay added to each reply")
+    parser.add_argument("--swarm-token", default=None,
+                        help=f"shared secret every gRPC call must carry (default: ${SWARM_TOKEN_ENV}; unset = open)")
+    add_tls_arguments(parser)
     return parser
 
 
-async def serve(args: argparse.Namespace) -> None:
+def config_from_args(args: argparse.Namespace) -> AccelServerConfig:
+    """:raises ValueError: for a malformed swarm token or TLS flags (partial, unreadable, not matching)."""
     start, end = args.blocks
-    config = AccelServerConfig(
+    return AccelServerConfig(
         model_path=args.model,
         model_name=args.model_name or args.model.name,
         start=start,
@@ -69,7 +75,12 @@ async def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         reply_delay_s=args.delay_ms / 1000.0,
+        swarm_token=swarm_token_from_env(args.swarm_token),
+        tls=tls_from_args(args),
     )
+
+
+async def serve(config: AccelServerConfig) -> None:
     server = await AccelBlockServer.create(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,15 +99,20 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if min(args.threads, args.delay_ms, args.gather_ms, args.gap_ms, args.cohort_gap_ms) < 0:
         print("--threads, --delay-ms and the waits must be non-negative", file=sys.stderr)
         return 2
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # one line and exit 2, not a traceback
+        parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args))
+        asyncio.run(serve(config))
     return 0
 
 

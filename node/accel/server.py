@@ -36,6 +36,7 @@ from node.accel.executor import BlockExecutor
 from node.accel.kv import SequenceKV
 from node.accel.prefix_cache import PrefixCache, PrefixLease
 from node.blocks.auth import server_interceptors
+from node.blocks.tls import TlsConfig, bind_port
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
 from proto.methods import METHODS
@@ -71,6 +72,7 @@ class AccelServerConfig:
     port: int = 0  # 0 = any free port
     # shared secret of a private swarm (node/blocks/auth.py): calls without it get UNAUTHENTICATED; "" = open
     swarm_token: str = field(default="", repr=False)
+    tls: TlsConfig | None = None  # serve only TLS with the swarm's private CA (node/blocks/tls.py); None = plaintext
 
 
 @dataclass(frozen=True)
@@ -313,7 +315,9 @@ class AccelBlockServer:
         ]
         server = grpc.aio.server(options=options, interceptors=server_interceptors(config.swarm_token))
         blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        port = bind_port(server, f"{config.host}:{config.port}", config.tls)
+        if port == 0:
+            raise OSError(f"cannot bind the gRPC server to {config.host}:{config.port}")
         await server.start()
         logger.info(
             "accelerated block server for %s %d:%d on port %d", config.model_name, config.start, config.end, port

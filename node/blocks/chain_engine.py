@@ -36,6 +36,7 @@ from node.blocks.chain_session import ChainSession
 from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
 from node.blocks.remote import ChannelPool, RemoteSpan, probe_rtt_ms
 from node.blocks.routing import Hop, RouteCosts, find_route
+from node.blocks.tls import TlsConfig
 from node.blocks.wire import MESSAGE_ENVELOPE_BYTES
 from node.engine import GenerationRequest
 from node.sampling import choose_next_token, make_generator
@@ -82,6 +83,9 @@ class ChainConfig:
     push: bool = False
     # sent on every call (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
     swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
+    # every channel to a hop (steps, probes, the accel driver's) is TLS, verified against the swarm CA, and only
+    # peers whose records say they speak TLS are routed through (node/blocks/tls.py); None = plaintext peers only
+    tls: TlsConfig | None = None
     # the draft model spec_draft requests are drafted with (node/accel/draft.py); None = spec_draft not offered
     draft_model: DraftModelConfig | None = None
 
@@ -111,7 +115,8 @@ class ChainEngine:
         self.weight_format = weight_format
         self.num_blocks = int(self.model_config.num_hidden_layers)
         self.max_positions = int(self.model_config.max_position_embeddings)
-        self.pool = ChannelPool(self.config.max_message_bytes, swarm_token=self.config.swarm_token)
+        self.pool = ChannelPool(self.config.max_message_bytes, swarm_token=self.config.swarm_token,
+                                tls=self.config.tls)
         self.tensor_limits = TensorLimits(max_bytes=self.config.max_message_bytes - MESSAGE_ENVELOPE_BYTES)
         self._driver: DriverParts | None = None
         self._records: list[BlockRecord] = []
@@ -253,7 +258,13 @@ class ChainEngine:
 
     async def _live_records(self, *, refresh: bool) -> list[BlockRecord]:
         if refresh or time.monotonic() - self._records_at > self.config.records_max_age_s:
-            self._records = await self.records.block_records(self.model_name, self.num_blocks)
+            records = await self.records.block_records(self.model_name, self.num_blocks)
+            # a peer of the other TLS mode would only fail its handshake: leave it out rather than fail a hop
+            tls = self.config.tls is not None
+            self._records = [r for r in records if r.tls == tls]
+            if len(self._records) < len(records):
+                logger.debug("left out %d peers that speak %s", len(records) - len(self._records),
+                             "plaintext" if tls else "only TLS")
             self._records_at = time.monotonic()
         return self._records
 

@@ -94,7 +94,7 @@ class SwarmDHT:
         block = BlockRecord(
             peer_id=node.peer_id, address=node.address, group=node.group, start_block=node.start_block,
             end_block=node.end_block, throughput_tok_s=node.throughput_tok_s,
-            free_cache_bytes=node.free_cache_bytes, load=node.load,
+            free_cache_bytes=node.free_cache_bytes, load=node.load, tls=node.tls,
         ).to_dict()
         stores = [(NODES_KEY, node.to_dict())]
         if node.serves_blocks:

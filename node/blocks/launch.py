@@ -22,7 +22,8 @@ from node.blocks.kv_cache import CacheManager
 from node.blocks.loader import WEIGHT_DTYPES, load_blocks, load_config, resolve_model_dir
 from node.blocks.push import NoPush, PushChannels, SwarmPushPolicy
 from node.blocks.server import BlockServicer, ServerLimits, grpc_options, start_grpc_server
-from proto.records import HardwareInfo, NodeRecord
+from node.blocks.tls import TlsConfig
+from proto.records import BlockRecord, HardwareInfo, NodeRecord
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class ServingConfig:
     # calls without this token are refused, and this node's own calls (pushes, driving) carry it
     # (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
     swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
+    # TLS with the swarm's private CA (node/blocks/tls.py): the node serves only TLS, its pushes and its driver
+    # use it too, and its records say so; None = plaintext (the default)
+    tls: TlsConfig | None = None
     chain: ChainConfig = field(default_factory=ChainConfig)  # the driver's retry/routing knobs
 
 
@@ -107,6 +111,17 @@ async def start_serving(config: ServingConfig, hardware: HardwareInfo) -> Servin
         raise
 
 
+def driver_config(config: ServingConfig) -> ChainConfig:
+    """The node's own driver: the node's swarm token and TLS, unless its chain config sets its own."""
+    chain = config.chain if config.chain.swarm_token else replace(config.chain, swarm_token=config.swarm_token)
+    return chain if chain.tls is not None or config.tls is None else replace(chain, tls=config.tls)
+
+
+async def swarm_peers(swarm: SwarmDHT, config: ServingConfig, model: str, num_blocks: int) -> list[BlockRecord]:
+    """Live block records of peers this node can push to: those of its own TLS mode."""
+    return [r for r in await swarm.block_records(model, num_blocks) if r.tls == (config.tls is not None)]
+
+
 async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT) -> ServingHandle:
     model_dir = await asyncio.to_thread(resolve_model_dir, config.model_path)
     model_config = load_config(model_dir)
@@ -122,15 +137,17 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
         budget_bytes=config.cache_bytes, ttl_s=config.session_ttl_s, max_sessions=config.limits.max_sessions
     )
     # pushes go only to peers the DHT lists as serving the next blocks (node/blocks/push.py)
-    push_policy = SwarmPushPolicy(lambda model: swarm.block_records(model, total)) if config.push else NoPush()
+    push_policy = SwarmPushPolicy(lambda model: swarm_peers(swarm, config, model, total)) if config.push else NoPush()
     push_channels = PushChannels(grpc_options(config.limits.max_message_bytes(span.hidden_size)),
-                                 timeout_s=config.limits.push_timeout_s, swarm_token=config.swarm_token)
+                                 timeout_s=config.limits.push_timeout_s, swarm_token=config.swarm_token,
+                                 tls=config.tls)
     servicer = BlockServicer(
         span=span, model_name=config.model_name, caches=caches, limits=config.limits,
         node_id=lambda: swarm.peer_id, hardware=hardware, throughput_tok_s=throughput,
         push_policy=push_policy, push_channels=push_channels,
     )
-    server, port = await start_grpc_server(servicer, config.host, config.port, swarm_token=config.swarm_token)
+    server, port = await start_grpc_server(servicer, config.host, config.port, swarm_token=config.swarm_token,
+                                           tls=config.tls)
     address = f"{config.announce_host or config.host}:{port}"
 
     def record() -> NodeRecord:
@@ -139,15 +156,15 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
             peer_id=swarm.peer_id, address=address, group=config.group, models=(config.model_name,),
             start_block=start, end_block=end, hardware=hardware, throughput_tok_s=round(throughput, 2),
             load=round(servicer.load, 4), free_cache_bytes=caches.free_bytes, num_blocks=total,
+            tls=config.tls is not None,
         )
 
     announcer = Announcer(swarm, config.model_name, record, period_s=config.announce_period_s,
                           ttl_s=config.record_ttl_s)
     try:
         await announcer.start()
-        chain = config.chain if config.chain.swarm_token else replace(config.chain, swarm_token=config.swarm_token)
         engine = ChainEngine(
-            model_path=str(model_dir), model_name=config.model_name, records=swarm, config=chain,
+            model_path=str(model_dir), model_name=config.model_name, records=swarm, config=driver_config(config),
             weight_format=config.weight_format,
         )
     except BaseException:

@@ -32,6 +32,7 @@ from typing import Protocol
 import grpc
 
 from node.blocks.auth import call_metadata
+from node.blocks.tls import TlsConfig, open_channel
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.records import BlockRecord
 
@@ -203,10 +204,14 @@ class PushLink:
 
 
 class PushChannels:
-    """One channel per next-hop address, shared by the node's sessions."""
+    """One channel per next-hop address, shared by the node's sessions (TLS ones with ``tls``)."""
 
-    def __init__(self, options: list[tuple[str, int]], *, timeout_s: float = 5.0, swarm_token: str = "") -> None:
+    def __init__(
+        self, options: list[tuple[str, int]], *, timeout_s: float = 5.0, swarm_token: str = "",
+        tls: TlsConfig | None = None,
+    ) -> None:
         self.options = options
+        self.tls = tls
         self.timeout_s = timeout_s
         self.metadata = call_metadata(swarm_token)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -214,7 +219,7 @@ class PushChannels:
     def link(self, target: PushTarget) -> PushLink:
         channel = self._channels.get(target.address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(target.address, options=self.options)
+            channel = open_channel(target.address, self.options, self.tls)
             self._channels[target.address] = channel
         return PushLink(channel, target, timeout_s=self.timeout_s, metadata=self.metadata)
 

@@ -25,6 +25,7 @@ import torch
 from node.blocks.auth import TokenStub, call_metadata
 from node.blocks.push import PushTarget
 from node.blocks.routing import Hop
+from node.blocks.tls import TlsConfig, open_channel
 from node.blocks.wire import grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
@@ -60,10 +61,11 @@ class HopFailure(Exception):
 
 
 class ChannelPool:
-    """One gRPC channel per peer address, reused across sessions and requests."""
+    """One gRPC channel per peer address, reused across sessions and requests (TLS ones with ``tls``)."""
 
-    def __init__(self, max_message_bytes: int, *, swarm_token: str = "") -> None:
+    def __init__(self, max_message_bytes: int, *, swarm_token: str = "", tls: TlsConfig | None = None) -> None:
         self.max_message_bytes = max_message_bytes
+        self.tls = tls  # node/blocks/tls.py: every channel verifies its peer against the swarm CA
         self.metadata = call_metadata(swarm_token)  # every call carries it (node/blocks/auth.py)
         self._token = swarm_token
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -73,7 +75,7 @@ class ChannelPool:
         that pass metadata of their own without it (node/accel's driver, via ``ChainEngine``)."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_message_bytes))
+            channel = open_channel(address, grpc_options(self.max_message_bytes), self.tls)
             self._channels[address] = channel
         stub = blocks_pb2_grpc.BlockServiceStub(channel)
         return cast(blocks_pb2_grpc.BlockServiceStub, TokenStub(stub, self._token)) if self._token else stub

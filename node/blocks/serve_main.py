@@ -18,6 +18,7 @@ import sys
 from node.blocks.auth import SWARM_TOKEN_ENV, swarm_token_from_env
 from node.blocks.chain_engine import ChainConfig
 from node.blocks.launch import ServingConfig, start_serving
+from node.blocks.tls import add_tls_arguments, tls_from_args
 
 
 def parse_blocks(text: str) -> tuple[int | None, int | None]:
@@ -53,13 +54,16 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never push outputs to the next hop, even when a driver asks (default: push when asked)")
     parser.add_argument("--drive-push", action="store_true",
                         help="as a driver, ask hops to push to each other (default: star mode)")
+    add_tls_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
+    """:raises ValueError: for a malformed swarm token or TLS flags (partial, unreadable, not matching)."""
     from pathlib import Path
 
     start, end = args.blocks
     token = swarm_token_from_env(args.swarm_token)
+    tls = tls_from_args(args)
     return ServingConfig(
         model_path=args.model,
         model_name=args.name or Path(args.model).name,
@@ -77,18 +81,18 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         record_ttl_s=args.record_ttl,
         push=not args.no_push,
         swarm_token=token,
-        chain=ChainConfig(push=args.drive_push, swarm_token=token),
+        tls=tls,
+        chain=ChainConfig(push=args.drive_push, swarm_token=token, tls=tls),
     )
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(config: ServingConfig, threads: int) -> int:
     import torch
 
     from node.hardware import measure_hardware
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
+    if threads > 0:
+        torch.set_num_threads(threads)
     handle = await start_serving(config, measure_hardware(weight_format=config.weight_format))
     print(json.dumps({"address": handle.address, "peer_id": handle.peer_id, "dht_maddrs": handle.dht_maddrs}),
           flush=True)
@@ -107,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(args))
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # a config error is one line and exit 2, not a traceback
+        parser.error(str(exc))
+    return asyncio.run(serve(config, args.threads))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from node.blocks.push import (
     RouteError,
     parse_route,
 )
+from node.blocks.tls import TlsConfig, bind_port
 from node.blocks.wire import ServerLimits, grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc, common_pb2
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
@@ -359,16 +360,17 @@ def _peer_host(peer: str) -> str:
 
 
 async def start_grpc_server(
-    servicer: BlockServicer, host: str, port: int, *, swarm_token: str = ""
+    servicer: BlockServicer, host: str, port: int, *, swarm_token: str = "", tls: TlsConfig | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port (``port=0`` picks a free one).
 
-    With a ``swarm_token``, calls without it are refused with UNAUTHENTICATED (:mod:`node.blocks.auth`).
+    With a ``swarm_token``, calls without it are refused with UNAUTHENTICATED (:mod:`node.blocks.auth`);
+    with ``tls`` the port speaks only TLS and wants a client certificate from the swarm CA (:mod:`node.blocks.tls`).
     """
     server = grpc.aio.server(options=grpc_options(servicer.limits.max_message_bytes(servicer.span.hidden_size)),
                              interceptors=server_interceptors(swarm_token))
     blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = bind_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot bind the gRPC server to {host}:{port}")
     await server.start()
