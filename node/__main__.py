@@ -15,6 +15,7 @@ from proto.settings import AMQP_URL_ENV, amqp_url_from_env
 from proto.topology import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
+    from broker.config import ReputationConfig
     from node.daemon import NodeConfig
 
 
@@ -63,6 +64,20 @@ def _run(args: argparse.Namespace) -> int:
     return run_node(config)
 
 
+def _reputation(args: argparse.Namespace) -> ReputationConfig:
+    """The broker's ReputationConfig with the two knobs `dinet-broker run` exposes (checked by NodeConfig)."""
+    from dataclasses import replace
+
+    from broker.config import ReputationConfig
+
+    reputation = ReputationConfig()
+    if args.reputation_threshold is not None:
+        reputation = replace(reputation, threshold=args.reputation_threshold)
+    if args.reputation_half_life is not None:
+        reputation = replace(reputation, half_life_s=args.reputation_half_life)
+    return reputation
+
+
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     from node.blocks.auth import swarm_token_from_env
     from node.daemon import NodeConfig
@@ -85,6 +100,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         max_new_tokens=args.max_new_tokens,
         drain_grace_s=args.drain_grace_s,
         telemetry_lookback_s=args.telemetry_lookback_s,
+        reputation_fence=not args.no_reputation_fence,
+        reputation=_reputation(args),
         blocks=args.blocks,
         initial_peers=tuple(args.initial_peers or ()),
         host=args.host,
@@ -133,6 +150,15 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--telemetry-lookback-s", type=float, default=24 * 3600.0,
                      help="seconds of telemetry replayed at start to skip already-answered tasks "
                      "(default: one day; 0 = off)")
+    fence = run.add_argument_group("reputation fence (see docs/node-worker.md)")
+    fence.add_argument("--reputation-threshold", type=float, default=None,
+                       help="stop consuming while this node's reputation, rebuilt from telemetry as brokers do, "
+                       "is below this in [0,1]; use the brokers' value (default 0.5)")
+    fence.add_argument("--reputation-half-life", type=float, default=None,
+                       help="seconds for past behaviour to lose half its weight; use the brokers' value "
+                       "(default 300)")
+    fence.add_argument("--no-reputation-fence", action="store_true",
+                       help="keep consuming whatever the reputation says (brokers still route around the node)")
     shard = run.add_argument_group("sharded serving (hold only some blocks; see docs/node-serving.md)")
     shard.add_argument("--blocks", type=_block_range, default=None, help="START:END block range to serve")
     shard.add_argument("--initial-peers", nargs="*", default=[],

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from broker.config import ReputationConfig
 from node.blocks.auth import check_swarm_token, swarm_token_from_env
 from node.dedup import CompletedLedger
 from node.engine import Engine
 from node.engines.vllm_options import VllmSettings
+from node.fence import check_reputation_config
 from node.hardware import measure_hardware
 from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
@@ -71,6 +73,10 @@ class NodeConfig:
     drain_grace_s: float = 30.0  # on SIGTERM: time running tasks get before they are requeued
     telemetry_lookback_s: float = 24 * 3600.0  # telemetry replayed at start for dedup (0 = off)
     connect_timeout_s: float = 60.0  # keep retrying the first connection to RabbitMQ this long
+    # stop consuming while the brokers' reputation ledger (rebuilt here from telemetry) puts this node below
+    # reputation.threshold (node/fence.py); same knobs as `dinet-broker run`, so keep them equal
+    reputation_fence: bool = True
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
     # sharded serving (node.blocks); used when blocks or initial_peers are given
     blocks: tuple[int, int] | None = None  # [start, end) block range this node serves
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join
@@ -102,6 +108,7 @@ class NodeConfig:
                 "CPU block chain's). With --initial-peers a vLLM node joins the DHT only to announce its group"
             )
         check_swarm_token(self.swarm_token)
+        check_reputation_config(self.reputation)
         self._check_draft_model()
 
     def _check_draft_model(self) -> None:
@@ -236,6 +243,8 @@ class NodeDaemon:
             drain_grace_s=cfg.drain_grace_s,
             telemetry_lookback_s=cfg.telemetry_lookback_s,
             hardware=self.hardware,
+            reputation=cfg.reputation,
+            fence=cfg.reputation_fence,
         )
         if self._engine is None:
             raise RuntimeError("no engine was built")

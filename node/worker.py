@@ -13,6 +13,11 @@ stops taking tasks, lets the running ones finish within a grace period and reque
 rest. The connection is a robust one: after a RabbitMQ restart aio-pika reopens the
 channels, redeclares the queues and resumes consuming; tasks that were in flight are
 redelivered and the ledger keeps them from being computed twice.
+
+The reputation fence (:mod:`node.fence`) pauses consuming while the brokers' reputation
+ledger, rebuilt here from the telemetry stream, says this node is below the threshold, and
+resumes when it recovers. Pausing is not draining: tasks in hand run on and are settled
+as usual, and nothing is nacked because of the fence.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from node.dedup import CompletedLedger
 from node.engine import Engine
+from node.fence import ReputationFence, ReputationWatch
 from node.replies import TRANSPORT_ERRORS, ConnectionLost, Delivery
 from node.task_answer import TaskAnswerer
 from node.telemetry import TelemetryTail
@@ -65,12 +71,16 @@ class TaskWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._draining = False
+        self._consumer_lock = asyncio.Lock()  # the fence and drain both start/cancel the consumer
+        self._watch: ReputationWatch | None = None
+        self._fence: ReputationFence | None = None
+        self._fence_task: asyncio.Task[None] | None = None
         self._answerer = TaskAnswerer(config, topology=self.topology, stats=self.stats, engine=engine,
                                       tokenizer=tokenizer, remember_answered=self._remember_answered)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, connection: AbstractRobustConnection) -> None:
-        """Declare what the worker uses, replay recent telemetry, then start consuming."""
+        """Declare what the worker uses, replay telemetry (dedup, reputation), then consume unless fenced."""
         cfg = self.config
         self._publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self.topology.declare_dead_letters(self._publish_channel)
@@ -83,21 +93,62 @@ class TaskWorker:
         self._task_channel = await connection.channel()
         await self._task_channel.set_qos(prefetch_count=cfg.prefetch)
         self._queue = await self.topology.group_queue_spec(cfg.group).declare(self._task_channel)
-        self._consumer_tag = await self._queue.consume(self._on_message)
-        logger.info(
-            "node %s consuming %s (model %s, prefetch %d)",
-            cfg.node_id, self._queue.name, cfg.limits.model_name, cfg.prefetch,
-        )
+        if cfg.fence:
+            await self._start_fence(connection)
+        if self._fence is None or not self._fence.fenced:
+            await self._resume_consuming()
+            logger.info(
+                "node %s consuming %s (model %s, prefetch %d)",
+                cfg.node_id, self._queue.name, cfg.limits.model_name, cfg.prefetch,
+            )
 
-    async def stop_consuming(self) -> None:
-        """Take no new tasks (those already delivered to this node still run)."""
-        self._draining = True
+    async def _start_fence(self, connection: AbstractRobustConnection) -> None:
+        """Rebuild the brokers' reputation table, judge this node once, then keep re-checking."""
+        cfg = self.config
+        self._watch = ReputationWatch(self.topology, cfg.reputation)
+        await self._watch.start(connection, catch_up_s=cfg.fence_catch_up_s)
+        self._fence = ReputationFence(
+            cfg.node_id, self._watch.ledger, threshold=cfg.reputation.threshold,
+            pause=self._pause_consuming, resume=self._resume_consuming, interval_s=cfg.fence_check_s,
+        )
+        await self._fence.check()  # fenced from the start when the replay says so: no task taken first
+        self._fence_task = asyncio.create_task(self._fence.run(), name=f"fence-{cfg.node_id}")
+
+    @property
+    def fenced(self) -> bool:
+        """The reputation fence holds this node off its group queue right now."""
+        return self._fence is not None and self._fence.fenced
+
+    async def _pause_consuming(self) -> None:
+        """Cancel the group queue consumer (the fence); tasks already delivered still run."""
+        async with self._consumer_lock:
+            await self._cancel_consumer()
+
+    async def _resume_consuming(self) -> None:
+        """Consume the group queue (at start, and when the fence lifts); never while draining.
+
+        :raises aio_pika.exceptions.AMQPError: or another transport error; the fence retries later.
+        """
+        async with self._consumer_lock:
+            if self._draining or self._consumer_tag is not None or self._queue is None:
+                return
+            self._consumer_tag = await self._queue.consume(self._on_message)
+
+    async def _cancel_consumer(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
                 await self._queue.cancel(tag)
             except TRANSPORT_ERRORS as exc:  # the connection is gone: the broker dropped the consumer anyway
                 logger.warning("could not cancel the consumer cleanly: %s", exc)
+
+    async def stop_consuming(self) -> None:
+        """Take no new tasks (those already delivered to this node still run)."""
+        self._draining = True
+        if self._fence is not None:
+            self._fence.state.stop()
+        async with self._consumer_lock:
+            await self._cancel_consumer()
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop consuming, wait up to ``grace_s`` for running tasks, requeue those still running."""
@@ -116,6 +167,13 @@ class TaskWorker:
     async def close(self) -> None:
         """Drain (if not done yet) and close the worker's channels."""
         await self.drain()
+        if self._fence_task is not None:
+            self._fence_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fence_task
+            self._fence_task = None
+        if self._watch is not None:
+            await self._watch.close()
         if self._telemetry is not None:
             await self._telemetry.close()
         for channel in (self._task_channel, self._publish_channel):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from broker.config import ReputationConfig
 from node.dedup import CompletedLedger
 from node.local_engine import LocalEngine
 from node.validation import Limits
@@ -183,6 +184,8 @@ async def running_worker(
     telemetry_lookback_s: float = 0.0,
     prefetch: int = 4,
     max_positions: int = 1024,
+    reputation: ReputationConfig | None = None,
+    fence_check_s: float = 2.0,
 ) -> AsyncIterator[TaskWorker]:
     ledger = CompletedLedger(state_dir) if state_dir is not None else None
     config = WorkerConfig(
@@ -193,6 +196,8 @@ async def running_worker(
         prefetch=prefetch,
         telemetry_lookback_s=telemetry_lookback_s,
         drain_grace_s=5.0,
+        reputation=reputation or ReputationConfig(),
+        fence_check_s=fence_check_s,
     )
     worker = TaskWorker(config, engine=engine, tokenizer=tokenizer, ledger=ledger)
     await worker.start(connection)

@@ -1,0 +1,168 @@
+"""The reputation fence against the real RabbitMQ: a node judged below the threshold stops consuming its group
+queue (the healthy node of the group gets every later task), comes back when the evidence decays, and no task
+is lost or nacked on the way. The evidence is what the brokers' ledger counts (broker/reputation.py): a
+broker's RoutingRecord joined with the agent's OutcomeReport naming the node, published here to the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from agent.client import Agent
+from broker.config import BrokerConfig, ReputationConfig
+from broker.service import BrokerService
+from node.worker import TaskWorker
+from proto import errors, messages_pb2
+from proto.common_pb2 import ErrorCode
+from proto.telemetry import OUTCOME_REPORT, ROUTING_RECORD
+from proto.topology import Topology
+from tests.helpers_worker import (  # noqa: F401 (fixtures)
+    GROUP,
+    Replies,
+    make_request,
+    publish_task,
+    reply_queue,
+    routed,
+    running_worker,
+    tiny_engine,
+    tiny_tokenizer,
+)
+
+CHECK_S = 0.2  # the fence re-reads the ledger this often in these tests
+FAILURES = 16  # prior worth 2 successes: 16 failures keep a node out for log2(16/2) = 3 half-lives
+_ids = itertools.count()
+
+
+@pytest.fixture
+async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
+    conn = await aio_pika.connect_robust(amqp_url)
+    yield conn
+    await conn.close()
+
+
+async def sink(connection: AbstractRobustConnection, topology: Topology, node_id: str, *, failures: int) -> float:
+    """Publish ``failures`` requests that ``node_id`` answered with NODE_FAILURE, as broker and agent record
+    them; returns their event time (the node stays below 0.5 for log2(failures / 2) half-lives after it)."""
+    channel = await connection.channel(publisher_confirms=True)
+    at = time.time()
+    try:
+        stream = await topology.telemetry_spec().declare(channel)
+        for _ in range(failures):
+            rid = f"sunk-{next(_ids)}"
+            record = messages_pb2.RoutingRecord(
+                request_id=rid, agent_id="judge", model="tiny",
+                decision=messages_pb2.RoutingDecision(group=GROUP, routed_at=at, broker_id="b-test"),
+            )
+            outcome = messages_pb2.OutcomeReport(
+                request_id=rid, node_id=node_id, group=GROUP, answered=True, ok=False,
+                error_code=ErrorCode.NODE_FAILURE, agent_id="judge", ttft_s=0.0, total_s=0.5, observed_at=at,
+            )
+            for kind, message in ((ROUTING_RECORD, record), (OUTCOME_REPORT, outcome)):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(message.SerializeToString(), type=kind,
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=stream.name, mandatory=True,
+                )
+    finally:
+        await channel.close()
+    return at
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def send(connection: AbstractRobustConnection, topology: Topology, reply_to: str, rids: list[str],
+               max_new_tokens: int = 4) -> None:
+    for rid in rids:
+        request = make_request(topology, reply_to, request_id=rid, max_new_tokens=max_new_tokens)
+        await publish_task(connection, topology, routed(request).SerializeToString())
+
+
+def answered_by(replies: Replies, rids: list[str]) -> list[str]:
+    """The node that answered each request (exactly one result per request, each one ok)."""
+    results = [replies.result_of(rid) for rid in rids]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    return [r.node_id for r in results]
+
+
+def assert_nothing_lost(replies: Replies, sent: list[str], *workers: TaskWorker) -> None:
+    assert sorted(r.request_id for r in replies.results) == sorted(sent)  # one answer per request, no more
+    for worker in workers:
+        assert worker.stats.requeued == 0 and worker.stats.dead_lettered == 0, worker.stats
+
+
+async def test_fenced_node_leaves_its_group_queue_to_the_healthy_node_then_comes_back(
+    connection, topology, tiny_engine, tiny_tokenizer  # noqa: F811
+) -> None:
+    reputation = ReputationConfig(half_life_s=5.0)  # fenced for 3 half-lives: 15 s after the evidence
+    async with reply_queue(connection, topology) as (reply_to, replies), \
+            running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
+                           reputation=reputation, fence_check_s=CHECK_S) as bad, \
+            running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-b",
+                           reputation=reputation, fence_check_s=CHECK_S) as good:
+        assert not bad.fenced and not good.fenced  # new nodes get the prior
+        # long tasks, so the node holds some when the fence falls: those finish on it
+        held = [f"long-{i}" for i in range(4)]
+        await send(connection, topology, reply_to, held, max_new_tokens=80)
+        await until(lambda: bad.busy > 0, "node-a takes a long task")
+        await sink(connection, topology, "node-a", failures=FAILURES)
+        await until(lambda: bad.fenced, "node-a fences itself")
+        in_hand_when_fenced = bad.busy
+        assert not good.fenced
+        # every later task goes to the healthy node
+        fenced_phase = [f"while-fenced-{i}" for i in range(6)]
+        await send(connection, topology, reply_to, fenced_phase)
+        await until(lambda: {r.request_id for r in replies.results} >= set(fenced_phase), "the tasks are answered")
+        assert bad.fenced, "the fence lifted before the check ended: the evidence decayed too soon for this test"
+        assert answered_by(replies, fenced_phase) == ["node-b"] * len(fenced_phase)
+        await replies.wait_results(len(held) + len(fenced_phase), timeout=30)
+        long_by = answered_by(replies, held)
+        assert in_hand_when_fenced > 0 and "node-a" in long_by, long_by  # tasks in hand finished where they were
+        # decay brings node-a back over the threshold: it consumes again and gets its share
+        await until(lambda: not bad.fenced, "the fence lifts as the evidence decays", timeout=30)
+        after = [f"after-{i}" for i in range(8)]
+        await send(connection, topology, reply_to, after)
+        await replies.wait_results(len(held) + len(fenced_phase) + len(after), timeout=30)
+        assert "node-a" in answered_by(replies, after)
+        assert_nothing_lost(replies, held + fenced_phase + after, bad, good)
+
+
+async def test_only_node_of_its_group_fences_itself_and_loses_nothing(
+    amqp_url: str, connection, topology, tiny_engine, tiny_tokenizer  # noqa: F811
+) -> None:
+    """Alone in its group, a fenced node leaves the queued tasks where they are (answered when it is back),
+    and a broker with the same table refuses new requests with NO_ROUTE, which the agent hears at once."""
+    reputation = ReputationConfig(half_life_s=3.0)  # fenced for 9 s after the evidence
+    async with reply_queue(connection, topology) as (reply_to, replies), \
+            running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
+                           reputation=reputation, fence_check_s=CHECK_S) as only:
+        await sink(connection, topology, "node-a", failures=FAILURES)
+        await until(lambda: only.fenced, "node-a fences itself")
+        waiting = [f"queued-{i}" for i in range(3)]
+        await send(connection, topology, reply_to, waiting)
+        config = BrokerConfig(amqp_url=amqp_url, namespace=topology.namespace, static_groups={GROUP: ("tiny",)},
+                              reputation=reputation)
+        async with BrokerService(config), Agent(amqp_url, namespace=topology.namespace) as agent:
+            generation = agent.generate(model="tiny", prompt="anyone?", max_new_tokens=4, timeout=10)
+            with pytest.raises(errors.NoRouteError, match="below the reputation threshold"):
+                await generation.result()
+        assert only.fenced and replies.results == [] and only.busy == 0
+        channel = await connection.channel()
+        queue = await topology.group_queue_spec(GROUP).declare(channel)
+        assert queue.declaration_result.message_count == len(waiting)  # still queued: nothing nacked or dropped
+        await channel.close()
+        await until(lambda: not only.fenced, "the fence lifts as the evidence decays", timeout=30)
+        await replies.wait_results(len(waiting), timeout=30)
+        assert answered_by(replies, waiting) == ["node-a"] * len(waiting)
+        assert_nothing_lost(replies, waiting, only)
