@@ -5,6 +5,7 @@ and a plaintext driver finds no route over the TLS-only span instead of failing 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,20 @@ def test_a_tls_node_cannot_start_with_a_certificate_of_another_swarm(
     )
     assert done.returncode == 2
     assert "is not signed by the swarm CA in --tls-ca" in done.stderr
+
+
+def test_drive_main_with_tls_flags_drives_the_tls_nodes(
+    tiny_model_path: Path, certs: tuple[Path, Path], swarm: list[ServerProcess]
+) -> None:
+    directory, ca = certs
+    done = subprocess.run(
+        [sys.executable, "-m", "node.blocks.drive_main", "--model", str(tiny_model_path), "--name", "tiny",
+         "--initial-peers", *swarm[0].maddrs, "--prompt-ids", ",".join(map(str, PROMPT)),
+         "--max-new-tokens", str(NEW_TOKENS), *_tls_flags(directory, ca, "driver")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == reference_generate(tiny_model_path, list(PROMPT), NEW_TOKENS)
+    assert [hop.split("/")[1] for hop in result["hops"]] == ["0:2", "2:4"]
+    assert result["hops"][1].split("/")[0] == swarm[1].info["address"]  # the TLS replica of 2:4

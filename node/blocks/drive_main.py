@@ -17,14 +17,15 @@ from pathlib import Path
 
 from node.blocks.chain_engine import ChainConfig, ChainEngine
 from node.blocks.dht import SwarmDHT
+from node.blocks.tls import TlsConfig, add_tls_arguments, tls_from_args
 from node.engine import GenerationRequest
 
 
-async def drive(args: argparse.Namespace) -> dict:
+async def drive(args: argparse.Namespace, tls: TlsConfig | None = None) -> dict:
     dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=args.initial_peers, host=args.host,
                                   client_mode=True)
     engine = ChainEngine(model_path=args.model, model_name=args.name or Path(args.model).name, records=dht,
-                         config=ChainConfig(step_timeout_s=args.step_timeout, push=args.push))
+                         config=ChainConfig(step_timeout_s=args.step_timeout, push=args.push, tls=tls))
     try:
         hops: list[str] = []
         tokens: list[int] = []
@@ -55,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-timeout", type=float, default=30.0)
     parser.add_argument("--push", action="store_true",
                         help="hops push each step to the next hop (default: star, the driver carries every hop)")
+    add_tls_arguments(parser)  # a TLS swarm only lets in drivers with a certificate from its CA
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(drive(args))), flush=True)
+    try:
+        tls = tls_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(asyncio.run(drive(args, tls))), flush=True)
     return 0
 
 
