@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aio_pika
 import pytest
@@ -102,40 +103,64 @@ def assert_nothing_lost(replies: Replies, sent: list[str], *workers: TaskWorker)
         assert worker.stats.requeued == 0 and worker.stats.dead_lettered == 0, worker.stats
 
 
+class Gated:
+    """The tiny engine, holding every generation after its first token until ``gate`` opens: a task in hand."""
+
+    methods = ("baseline",)
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.gate = asyncio.Event()
+        self.holding = 0
+
+    async def generate(self, request: Any) -> AsyncIterator[int]:
+        first = True
+        async for token in self._inner.generate(request):
+            yield token
+            if first and not self.gate.is_set():
+                self.holding += 1
+                await self.gate.wait()
+                self.holding -= 1
+            first = False
+
+    async def close(self) -> None:
+        return None
+
+
 async def test_fenced_node_leaves_its_group_queue_to_the_healthy_node_then_comes_back(
     connection, topology, tiny_engine, tiny_tokenizer  # noqa: F811
 ) -> None:
-    reputation = ReputationConfig(half_life_s=5.0)  # fenced for 3 half-lives: 15 s after the evidence
+    reputation = ReputationConfig(half_life_s=4.0)  # fenced for 3 half-lives: 12 s after the evidence
+    gated = Gated(tiny_engine)
     async with reply_queue(connection, topology) as (reply_to, replies), \
-            running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
-                           reputation=reputation, fence_check_s=CHECK_S) as bad, \
-            running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-b",
-                           reputation=reputation, fence_check_s=CHECK_S) as good:
-        assert not bad.fenced and not good.fenced  # new nodes get the prior
-        # long tasks, so the node holds some when the fence falls: those finish on it
-        held = [f"long-{i}" for i in range(4)]
-        await send(connection, topology, reply_to, held, max_new_tokens=80)
-        await until(lambda: bad.busy > 0, "node-a takes a long task")
-        await sink(connection, topology, "node-a", failures=FAILURES)
-        await until(lambda: bad.fenced, "node-a fences itself")
-        in_hand_when_fenced = bad.busy
-        assert not good.fenced
-        # every later task goes to the healthy node
-        fenced_phase = [f"while-fenced-{i}" for i in range(6)]
-        await send(connection, topology, reply_to, fenced_phase)
-        await until(lambda: {r.request_id for r in replies.results} >= set(fenced_phase), "the tasks are answered")
-        assert bad.fenced, "the fence lifted before the check ended: the evidence decayed too soon for this test"
-        assert answered_by(replies, fenced_phase) == ["node-b"] * len(fenced_phase)
-        await replies.wait_results(len(held) + len(fenced_phase), timeout=30)
-        long_by = answered_by(replies, held)
-        assert in_hand_when_fenced > 0 and "node-a" in long_by, long_by  # tasks in hand finished where they were
-        # decay brings node-a back over the threshold: it consumes again and gets its share
-        await until(lambda: not bad.fenced, "the fence lifts as the evidence decays", timeout=30)
-        after = [f"after-{i}" for i in range(8)]
-        await send(connection, topology, reply_to, after)
-        await replies.wait_results(len(held) + len(fenced_phase) + len(after), timeout=30)
-        assert "node-a" in answered_by(replies, after)
-        assert_nothing_lost(replies, held + fenced_phase + after, bad, good)
+            running_worker(connection, topology, gated, tiny_tokenizer, node_id="node-a",
+                           reputation=reputation, fence_check_s=CHECK_S) as bad:
+        assert not bad.fenced  # a new node gets the prior
+        held = ["held"]  # node-a holds this task (one token streamed, the rest gated) when the fence falls
+        await send(connection, topology, reply_to, held, max_new_tokens=8)
+        await until(lambda: gated.holding == 1, "node-a has the task in hand")
+        async with running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-b",
+                                  reputation=reputation, fence_check_s=CHECK_S) as good:
+            await sink(connection, topology, "node-a", failures=FAILURES)
+            await until(lambda: bad.fenced, "node-a fences itself")
+            assert not good.fenced and bad.busy == 1
+            # every later task goes to the healthy node
+            fenced_phase = [f"while-fenced-{i}" for i in range(6)]
+            await send(connection, topology, reply_to, fenced_phase)
+            await replies.wait_results(len(fenced_phase), timeout=20)
+            assert bad.fenced, "the fence lifted before the check ended: the evidence decayed too soon for this test"
+            assert answered_by(replies, fenced_phase) == ["node-b"] * len(fenced_phase)
+            # the task in hand finishes where it was, neither requeued nor nacked
+            gated.gate.set()
+            await replies.wait_results(len(held) + len(fenced_phase), timeout=20)
+            assert answered_by(replies, held) == ["node-a"]
+            # decay brings node-a back over the threshold: it consumes again and gets its share
+            await until(lambda: not bad.fenced, "the fence lifts as the evidence decays", timeout=30)
+            after = [f"after-{i}" for i in range(8)]
+            await send(connection, topology, reply_to, after)
+            await replies.wait_results(len(held) + len(fenced_phase) + len(after), timeout=30)
+            assert "node-a" in answered_by(replies, after)
+            assert_nothing_lost(replies, held + fenced_phase + after, bad, good)
 
 
 async def test_only_node_of_its_group_fences_itself_and_loses_nothing(
