@@ -62,6 +62,9 @@ def check_reputation_config(config: ReputationConfig) -> ReputationConfig:
     for name, (value, low, high) in ranges.items():
         if not math.isfinite(value) or not low <= value <= high:
             raise ValueError(f"reputation {name} must be in [{low:g}, {high:g}], got {value!r}")
+    if config.threshold > config.prior:
+        raise ValueError(f"reputation threshold {config.threshold} is above the prior {config.prior}: a node's score "
+                         "decays back to the prior, so a fenced node could never return; lower the threshold")
     positive = {"half_life_s": config.half_life_s, "prior_weight": config.prior_weight}
     for name, value in positive.items():
         if not math.isfinite(value) or value <= 0:

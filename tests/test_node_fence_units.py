@@ -130,7 +130,7 @@ async def test_run_keeps_checking_until_stopped_and_survives_a_failing_check() -
 def test_reputation_knobs_are_checked() -> None:
     assert check_reputation_config(ReputationConfig()) == ReputationConfig()
     for bad in ({"threshold": 1.5}, {"threshold": float("nan")}, {"half_life_s": 0.0}, {"prior": -0.1},
-                {"prior_weight": 0.0}):
+                {"prior_weight": 0.0}, {"prior": 0.4}):
         with pytest.raises(ValueError, match="reputation"):
             check_reputation_config(replace(ReputationConfig(), **bad))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fence_check_s"):
