@@ -191,3 +191,23 @@ async def test_only_node_of_its_group_fences_itself_and_loses_nothing(
         await replies.wait_results(len(waiting), timeout=30)
         assert answered_by(replies, waiting) == ["node-a"] * len(waiting)
         assert_nothing_lost(replies, waiting, only)
+
+
+async def test_a_node_started_below_the_threshold_takes_no_task_before_its_first_verdict(
+    connection, topology, tiny_engine, tiny_tokenizer  # noqa: F811
+) -> None:
+    """The replay comes first: a node restarted while sunk is fenced from its first moment, and a task waiting in
+    its group queue stays there (a drain of this fenced node requeues nothing, since it holds nothing)."""
+    await sink(connection, topology, "node-a", failures=FAILURES)
+    async with reply_queue(connection, topology) as (reply_to, replies):
+        await send(connection, topology, reply_to, ["waiting"])
+        async with running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
+                                  reputation=ReputationConfig(half_life_s=60.0), fence_check_s=CHECK_S) as worker:
+            assert worker.fenced and worker.busy == 0
+            await asyncio.sleep(3 * CHECK_S)  # a few re-checks: still below, still not consuming
+            assert worker.fenced and replies.results == [] and worker.stats.completed == 0
+        channel = await connection.channel()
+        queue = await topology.group_queue_spec(GROUP).declare(channel)
+        assert queue.declaration_result.message_count == 1
+        await channel.close()
+        assert worker.stats.requeued == 0
