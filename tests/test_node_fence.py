@@ -168,7 +168,7 @@ async def test_only_node_of_its_group_fences_itself_and_loses_nothing(
 ) -> None:
     """Alone in its group, a fenced node leaves the queued tasks where they are (answered when it is back),
     and a broker with the same table refuses new requests with NO_ROUTE, which the agent hears at once."""
-    reputation = ReputationConfig(half_life_s=3.0)  # fenced for 9 s after the evidence
+    reputation = ReputationConfig(half_life_s=4.0)  # fenced for 12 s after the evidence
     async with reply_queue(connection, topology) as (reply_to, replies), \
             running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
                            reputation=reputation, fence_check_s=CHECK_S) as only:
