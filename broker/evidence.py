@@ -98,6 +98,21 @@ def parse_route(body: bytes) -> Route:
     """:raises EvidenceError: unparsable, or a field out of range."""
     record = messages_pb2.RoutingRecord()
     _parse_into(record, body)
+    return route_of(record)
+
+
+def parse_route_batch(body: bytes) -> list[messages_pb2.RoutingRecord]:
+    """The records of a ``RoutingRecordBatch`` (check each with :func:`route_of`, so one bad record is skipped alone).
+
+    :raises EvidenceError: unparsable.
+    """
+    batch = messages_pb2.RoutingRecordBatch()
+    _parse_into(batch, body)
+    return list(batch.records)
+
+
+def route_of(record: messages_pb2.RoutingRecord) -> Route:
+    """:raises EvidenceError: a field out of range."""
     decision = record.decision
     routed_at = decision.routed_at
     if not math.isfinite(routed_at) or not MIN_UNIX <= routed_at <= MAX_UNIX:

@@ -51,6 +51,7 @@ from broker.fairness import WeightedFairGate
 from broker.policies import TelemetrySink, load_policy
 from broker.priority import use_realtime_priority
 from broker.reputation import ReputationLedger
+from broker.route_records import RouteRecorder
 from broker.routing import Router
 from broker.settle import Settler
 from broker.stats import BrokerStats
@@ -58,7 +59,7 @@ from broker.telemetry import TelemetryConsumer
 from broker.validation import parse_request, reply_target, validate_request
 from proto import messages_pb2
 from proto.errors import DeliveryLimitError, DinetError
-from proto.telemetry import ROUTING_RECORD
+from proto.telemetry import ROUTING_RECORD_BATCH
 from proto.topology import DELIVERY_LIMIT, Topology
 from scheduler.interface import SchedulingPolicy
 
@@ -109,6 +110,7 @@ class BrokerService:
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._routes = RouteRecorder(self._publish_routes, broker_id=config.broker_id)
 
     @property
     def directory(self) -> GroupDirectory:
@@ -163,6 +165,7 @@ class BrokerService:
             await asyncio.wait_for(self._idle.wait(), timeout=drain_s)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.settler.drain(), timeout=drain_s)
+        await self._routes.close()
         await close_quietly(self.connection)
         self.connection = None
         if self._directory is not None:
@@ -239,7 +242,7 @@ class BrokerService:
             body = messages_pb2.RoutedTask(request=request, decision=decision).SerializeToString()
             record = messages_pb2.RoutingRecord(
                 request_id=request.request_id, agent_id=request.agent_id, model=request.model, decision=decision
-            ).SerializeToString()
+            )
         except DinetError as error:
             return await self._refuse(delivery, request, error)
         except Exception:
@@ -252,7 +255,7 @@ class BrokerService:
         try:
             await self._ensure_group(group)
             if self.config.record_routes:
-                await self._record_route(channel, request.request_id, record)
+                await self._record_route(request.request_id, record)
             await publish(
                 channel,
                 body,
@@ -272,20 +275,26 @@ class BrokerService:
         self.stats.by_group[group] = self.stats.by_group.get(group, 0) + 1
         return Outcome.ACK
 
-    async def _record_route(self, channel: AbstractChannel, request_id: str, record: bytes) -> None:
+    async def _record_route(self, request_id: str, record: messages_pb2.RoutingRecord) -> None:
         """Append the decision to the telemetry stream, confirmed, *before* the task exists.
 
         Reputation judges the node against this record (broker/reputation.py); publishing it first
-        means a node learns a request id only after the genuine record is on the stream. A refused
-        record is logged and the request still goes out (it is then judged on nothing); transport
-        errors propagate and requeue the request like a failed task publish.
+        means a node learns a request id only after the genuine record is on the stream. The records
+        of one loop turn travel as one entry (broker/route_records.py). A refused record is logged and
+        the request still goes out (it is then judged on nothing); transport errors propagate and
+        requeue the request like a failed task publish.
         """
         try:
-            await publish(channel, record, self.topology.telemetry_stream, message_id=f"{request_id}:route",
-                          type_=ROUTING_RECORD, timeout_s=self.config.publish_timeout_s)
+            await self._routes.record(record)
         except REFUSED_ERRORS as exc:
             self.stats.unrecorded += 1
             logger.warning("routing record of %s refused by RabbitMQ (%s); it will not be judged", request_id, exc)
+
+    async def _publish_routes(self, body: bytes, message_id: str) -> None:
+        if self._publish_channel is None:
+            raise RuntimeError("routing records published before the broker started")
+        await publish(self._publish_channel, body, self.topology.telemetry_stream, message_id=message_id,
+                      type_=ROUTING_RECORD_BATCH, timeout_s=self.config.publish_timeout_s)
 
     def _ready(self) -> tuple[Router, AbstractChannel]:
         if self.router is None or self._publish_channel is None:

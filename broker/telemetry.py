@@ -27,11 +27,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 
 from broker.amqp import safe_ack
-from broker.evidence import EvidenceError, parse_outcome, parse_route
+from broker.evidence import EvidenceError, parse_outcome, parse_route, parse_route_batch, route_of
 from broker.policies import TelemetrySink
 from broker.reputation import ReputationLedger
 from proto import messages_pb2
-from proto.telemetry import OUTCOME_REPORT, ROUTING_RECORD, TIMING_REPORT, entry_kind
+from proto.telemetry import OUTCOME_REPORT, ROUTING_RECORD, ROUTING_RECORD_BATCH, TIMING_REPORT, entry_kind
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class TelemetryConsumer:
                 self._timing(body, offset)
             elif kind == ROUTING_RECORD:
                 self.ledger.record_route(parse_route(body))
+            elif kind == ROUTING_RECORD_BATCH:
+                self._routes(parse_route_batch(body), offset)
             elif kind == OUTCOME_REPORT:
                 self.ledger.judge(parse_outcome(body))
             else:
@@ -93,6 +95,15 @@ class TelemetryConsumer:
             logger.warning("skipping a bad %s at telemetry offset %s: %s", kind, offset, exc)
             return
         self.received += 1
+
+    def _routes(self, records: list[messages_pb2.RoutingRecord], offset: int | None) -> None:
+        """A broker's records of one loop turn: each is checked and recorded on its own, a bad one skipped alone."""
+        for record in records:
+            try:
+                self.ledger.record_route(route_of(record))
+            except EvidenceError as exc:
+                self.malformed += 1
+                logger.warning("skipping a bad routing record in the batch at telemetry offset %s: %s", offset, exc)
 
     def _timing(self, body: bytes, offset: int | None) -> None:
         """A node's own report: a meta-training row for the sinks; it never moves reputation."""

@@ -221,3 +221,9 @@ class RoutingRecord(_message.Message):
     model: str
     decision: RoutingDecision
     def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., decision: _Optional[_Union[RoutingDecision, _Mapping]] = ...) -> None: ...
+
+class RoutingRecordBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[RoutingRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[RoutingRecord, _Mapping]]] = ...) -> None: ...

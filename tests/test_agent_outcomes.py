@@ -14,10 +14,10 @@ import pytest
 from agent import Agent
 from agent.outcomes import OutcomeReporter
 from broker.config import BrokerConfig
-from broker.evidence import Outcome, parse_outcome
+from broker.evidence import Outcome, parse_outcome, parse_route_batch
 from broker.service import BrokerService
 from proto import errors
-from proto.telemetry import OUTCOME_REPORT, ROUTING_RECORD, TIMING_REPORT, entry_kind
+from proto.telemetry import OUTCOME_REPORT, ROUTING_RECORD_BATCH, TIMING_REPORT, entry_kind
 from proto.topology import Topology
 from tests.helpers_worker import GROUP, running_worker, tiny_engine, tiny_tokenizer  # noqa: F401 (fixtures)
 
@@ -72,7 +72,11 @@ async def test_an_answered_request_is_reported_and_judged(
     kinds = [kind for kind, _ in entries]
     # the broker's record is on the stream before the task exists; the node's report and the agent's outcome
     # both follow the result, in either order (the node's report is not evidence either way)
-    assert kinds.index(ROUTING_RECORD) < min(kinds.index(TIMING_REPORT), kinds.index(OUTCOME_REPORT))
+    # (as one RoutingRecordBatch: the records of a broker's loop turn travel together)
+    assert kinds.index(ROUTING_RECORD_BATCH) < min(kinds.index(TIMING_REPORT), kinds.index(OUTCOME_REPORT))
+    (batch_body,) = [body for kind, body in entries if kind == ROUTING_RECORD_BATCH]
+    (record,) = parse_route_batch(batch_body)
+    assert record.request_id == result.request_id and record.decision.group == GROUP
     (seen,) = [parse_outcome(body) for kind, body in entries if kind == OUTCOME_REPORT]
     assert seen.request_id == result.request_id and seen.node_id == result.node_id == "node-a"
     assert seen.ok and seen.answered and seen.group == GROUP and seen.agent_id == agent.config.agent_id

@@ -144,7 +144,8 @@ async def bench(args: argparse.Namespace) -> dict:
     config = BrokerConfig(amqp_url=url, namespace=topology.namespace,
                           scheduler=args.scheduler, scheduler_model=args.scheduler_model, broker_id="bench",
                           max_in_flight=args.max_in_flight, batch_routing=args.batch_routing,
-                          watch_dead_letters=False, realtime_priority=args.broker_realtime)
+                          watch_dead_letters=False, realtime_priority=args.broker_realtime,
+                          record_routes=args.route_records)
     service = BrokerService(config, directory=directory)
     warm_s = await _warm_texts(service, args) if args.warm_texts else 0.0
     if not args.preload:
@@ -192,6 +193,9 @@ async def bench(args: argparse.Namespace) -> dict:
     lost = result["published"] - result["distinct_routed"]
     policy = getattr(service.policy, "policy", service.policy)  # an online learner's current policy
     serving = policy.serving_stats() if hasattr(policy, "serving_stats") else {}
+    recorder = service._routes
+    serving["route_records"] = recorder.records
+    serving["route_records_per_entry"] = round(recorder.records / max(1, recorder.batches), 1)
     batcher = service._batcher
     if batcher is not None:
         serving["mean_batch"] = round(batcher.routed / max(1, batcher.batches), 1)
@@ -252,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the broker's loop under SCHED_FIFO at this priority, as `dinet-broker run "
                              "--realtime-priority N` does (default 0: normal scheduling; needs root). The load "
                              "generator and RabbitMQ keep the normal policy")
+    parser.add_argument("--no-route-records", dest="route_records", action="store_false",
+                        help="do not append routing records to the telemetry stream (BrokerConfig.record_routes; "
+                             "reputation then judges nothing): shows what the records cost")
     parser.add_argument("--priorities", default="normal",
                         help="comma list cycled over the requests, e.g. high,normal,batch")
     parser.add_argument("--preload", action="store_true",
