@@ -24,7 +24,8 @@ Nothing is lost: the fence only cancels the consumer. Tasks already delivered to
 run to the end and are settled as usual; a task delivered between the cancel and its
 ``cancel-ok`` is processed, never nacked; what stays in the queue goes to the group's other
 nodes, or waits for this node's return when it is the group's only one (brokers stop
-routing to a group whose nodes are all below the threshold; the agent gets ``NO_ROUTE``).
+routing to a group whose nodes are all below the threshold: another group gets the request, or,
+when no other group serves the model, the agent gets ``NO_ROUTE``).
 """
 
 from __future__ import annotations
