@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", default="fixed-rule",
                      help="fixed-rule (default, no dependencies), metainf, or package.module:factory")
     run.add_argument("--scheduler-model", default="", help="model file or directory for a learned scheduler")
-    run.add_argument("--max-in-flight", type=int, default=128, help="routed publishes awaiting confirms at once")
+    run.add_argument("--max-in-flight", type=int, default=512, help="requests being routed at once (default 512)")
     run.add_argument("--batch-routing", action="store_true",
                      help="route the requests of one event-loop turn with one batched scheduler prediction (more "
                           "requests/s with a learned scheduler; each request waits for its loop turn)")

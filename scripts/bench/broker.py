@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-routing", action="store_true",
                         help="route the requests of one loop turn with one batched prediction "
                              "(BrokerConfig.batch_routing)")
-    parser.add_argument("--max-in-flight", type=int, default=128)
+    parser.add_argument("--max-in-flight", type=int, default=512)
     parser.add_argument("--backlog", type=int, default=2000, help="max requests published but not yet routed")
     parser.add_argument("--driver-nice", type=int, default=0, metavar="N",
                         help="run the load generator (publisher + stub groups) at nice N (default 0: as before, "
