@@ -90,6 +90,20 @@ async def send(connection: AbstractRobustConnection, topology: Topology, reply_t
         await publish_task(connection, topology, routed(request).SerializeToString())
 
 
+async def publish_expiring(connection: AbstractRobustConnection, topology: Topology, task: messages_pb2.RoutedTask,
+                           *, ttl_s: float) -> None:
+    """A routed task with a per-message TTL, as the broker publishes one whose request has a deadline."""
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(task.SerializeToString(), expiration=ttl_s, correlation_id=task.request.request_id,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=topology.group_queue(GROUP), mandatory=True,
+        )
+    finally:
+        await channel.close()
+
+
 def answered_by(replies: Replies, rids: list[str]) -> list[str]:
     """The node that answered each request (exactly one result per request, each one ok)."""
     results = [replies.result_of(rid) for rid in rids]
@@ -166,31 +180,38 @@ async def test_fenced_node_leaves_its_group_queue_to_the_healthy_node_then_comes
 async def test_only_node_of_its_group_fences_itself_and_loses_nothing(
     amqp_url: str, connection, topology, tiny_engine, tiny_tokenizer  # noqa: F811
 ) -> None:
-    """Alone in its group, a fenced node leaves the queued tasks where they are (answered when it is back),
-    and a broker with the same table refuses new requests with NO_ROUTE, which the agent hears at once."""
+    """Alone in its group, a fenced node leaves the queued tasks where they are (answered when it is back), a
+    queued task whose deadline passes is answered DEADLINE_EXCEEDED by the brokers' dead-letter watcher, and a
+    broker with the same table refuses new requests with NO_ROUTE, which the agent hears at once."""
     reputation = ReputationConfig(half_life_s=4.0)  # fenced for 12 s after the evidence
     async with reply_queue(connection, topology) as (reply_to, replies), \
             running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
                            reputation=reputation, fence_check_s=CHECK_S) as only:
         await sink(connection, topology, "node-a", failures=FAILURES)
         await until(lambda: only.fenced, "node-a fences itself")
-        waiting = [f"queued-{i}" for i in range(3)]
-        await send(connection, topology, reply_to, waiting)
         config = BrokerConfig(amqp_url=amqp_url, namespace=topology.namespace, static_groups={GROUP: ("tiny",)},
                               reputation=reputation)
         async with BrokerService(config), Agent(amqp_url, namespace=topology.namespace) as agent:
             generation = agent.generate(model="tiny", prompt="anyone?", max_new_tokens=4, timeout=10)
             with pytest.raises(errors.NoRouteError, match="below the reputation threshold"):
                 await generation.result()
-        assert only.fenced and replies.results == [] and only.busy == 0
+            # a task with a deadline waiting in the fenced group's queue (TTL = its deadline, as brokers set it)
+            expiring = make_request(topology, reply_to, request_id="expires", deadline_unix=time.time() + 1.0)
+            await publish_expiring(connection, topology, routed(expiring), ttl_s=1.0)
+            waiting = [f"queued-{i}" for i in range(3)]
+            await send(connection, topology, reply_to, waiting)
+            await replies.wait_results(1, timeout=15)
+            late = replies.result_of("expires")
+            assert not late.ok and late.error.code == ErrorCode.DEADLINE_EXCEEDED
+        assert only.fenced and only.busy == 0 and only.stats.completed == only.stats.failed == 0
         channel = await connection.channel()
         queue = await topology.group_queue_spec(GROUP).declare(channel)
         assert queue.declaration_result.message_count == len(waiting)  # still queued: nothing nacked or dropped
         await channel.close()
         await until(lambda: not only.fenced, "the fence lifts as the evidence decays", timeout=30)
-        await replies.wait_results(len(waiting), timeout=30)
+        await replies.wait_results(1 + len(waiting), timeout=30)
         assert answered_by(replies, waiting) == ["node-a"] * len(waiting)
-        assert_nothing_lost(replies, waiting, only)
+        assert_nothing_lost(replies, ["expires", *waiting], only)
 
 
 async def test_a_node_started_below_the_threshold_takes_no_task_before_its_first_verdict(
