@@ -80,10 +80,15 @@ def _reputation(args: argparse.Namespace) -> ReputationConfig:
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     from node.blocks.auth import swarm_token_from_env
+    from node.blocks.tls import tls_from_args
     from node.daemon import NodeConfig
 
     if args.swarm_token is not None and args.blocks is None and not args.initial_peers:
         raise ValueError("--swarm-token protects the block swarm; it needs --blocks or --initial-peers")
+    tls = tls_from_args(args)  # flags or DINET_TLS_*; partial or bad files: ValueError naming the flag
+    if tls is not None and (args.engine != "local" or (args.blocks is None and not args.initial_peers)):
+        raise ValueError("--tls-cert/--tls-key/--tls-ca secure the block swarm's gRPC; they need --blocks or "
+                         "--initial-peers with --engine local")
     return NodeConfig(
         model=args.model,
         model_name=args.model_name or Path(args.model.rstrip("/")).name,
@@ -112,12 +117,15 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         draft_model=args.draft_model,
         draft_weight_format=args.draft_weight_format,
         swarm_token=swarm_token_from_env(args.swarm_token),
+        tls=tls,
         engine=args.engine,
         vllm=_vllm_settings(args),
     )
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from node.blocks.tls import add_tls_arguments
+
     run = sub.add_parser(
         "run",
         help="load a model and answer the tasks of a consumer group",
@@ -180,6 +188,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="shared secret of a private swarm: calls without it are refused, this node's calls "
                        "carry it (default: $DINET_SWARM_TOKEN, which keeps it out of the process list; unset = "
                        "open swarm)")
+    add_tls_arguments(shard)  # TLS with the swarm's private CA (docs/node-serving.md, "TLS")
     run.add_argument("--engine", choices=["local", "vllm"], default="local",
                      help="local: dinet's torch code (the whole model, or blocks with --blocks/--initial-peers); "
                      "vllm: the whole model on a CUDA GPU with vLLM (pip install '.[vllm]') (default: local)")

@@ -31,6 +31,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from broker.config import ReputationConfig
 from node.blocks.auth import check_swarm_token, swarm_token_from_env
+from node.blocks.tls import TlsConfig
 from node.dedup import CompletedLedger
 from node.engine import Engine
 from node.engines.vllm_options import VllmSettings
@@ -90,6 +91,7 @@ class NodeConfig:
     # every gRPC call of the block swarm carries it and this node's server refuses calls without it
     # (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm; never logged
     swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
+    tls: TlsConfig | None = None  # the block swarm's gRPC over TLS with its private CA (node/blocks/tls.py)
     engine: str = "local"  # "local" | "vllm" (whole model on a GPU; see node.engines)
     vllm: VllmSettings = field(default_factory=VllmSettings)  # used with engine="vllm"
 
@@ -359,7 +361,8 @@ async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
         initial_peers=tuple(cfg.initial_peers),
         weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype],
         swarm_token=cfg.swarm_token,
-        chain=ChainConfig(swarm_token=cfg.swarm_token, draft_model=cfg.draft),
+        tls=cfg.tls,
+        chain=ChainConfig(swarm_token=cfg.swarm_token, draft_model=cfg.draft, tls=cfg.tls),
     )
     if cfg.accelerated:
         from node.accel.launch import start_accelerated_serving

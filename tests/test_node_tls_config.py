@@ -51,6 +51,7 @@ def test_bad_files_are_refused_naming_the_flag(ca: Ca, tmp_path: Path) -> None:
         ((cert, ca.cert_file, ca.cert_file), "--tls-key", "not an unencrypted PEM private key"),
         ((cert, other_key, ca.cert_file), "--tls-key", "is not the key of --tls-cert"),
         ((other_cert, other_key, ca.cert_file), "--tls-cert", "not signed by the swarm CA"),
+        ((cert, key, cert), "--tls-cert", "not signed by the swarm CA"),  # its own CA
         ((wrong_name, wrong_name_key, ca.cert_file), "--tls-cert", "subjectAltName=DNS:dinet-swarm"),
         ((expired, expired_key, ca.cert_file), "--tls-cert", "expired"),
     ]

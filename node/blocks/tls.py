@@ -126,8 +126,9 @@ def _check_pem(tls: TlsConfig) -> None:
             return False
         return True
 
-    top = chain[-1]
-    if not any(top == ca or issued_by(top, ca) for ca in cas):
+    # some certificate of the chain must be signed by a CA certificate other than itself: a leaf passed as
+    # its own CA is no swarm membership (and peers would reject it anyway)
+    if not any(cert != ca and issued_by(cert, ca) for cert in chain for ca in cas):
         raise ValueError(f"--tls-cert {tls.cert_file} is not signed by the swarm CA in --tls-ca {tls.ca_file}")
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
