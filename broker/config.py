@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import uuid
@@ -43,6 +44,32 @@ class ReputationConfig:
     stall_ratio: float = 0.25  # actual/predicted tokens/s below this counts as a stall (a failure)
     node_seen_ttl_s: float = 600.0  # a node judged by no outcome for this long leaves static groups' node lists
     pending_routes: int = 100_000  # routing records awaiting their agent's outcome (oldest dropped first)
+
+    def __post_init__(self) -> None:
+        check_reputation_config(self)
+
+
+def check_reputation_config(config: ReputationConfig) -> ReputationConfig:
+    """Brokers and fencing nodes use these knobs; a typo fails at start instead of banning or fencing everyone.
+
+    :raises ValueError: naming the knob and its valid range.
+    """
+    for name, value in (("threshold", config.threshold), ("prior", config.prior), ("stall_ratio", config.stall_ratio)):
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"reputation {name} must be in [0, 1], got {value!r}")
+    if config.threshold > config.prior:
+        raise ValueError(f"reputation threshold {config.threshold} is above the prior {config.prior}: a node's score "
+                         "decays back to the prior, so a fenced node could never return; lower the threshold")
+    positive = {"half_life_s": config.half_life_s, "prior_weight": config.prior_weight,
+                "node_seen_ttl_s": config.node_seen_ttl_s}
+    for name, value in positive.items():
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"reputation {name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(config.timeout_weight) or config.timeout_weight < 0:
+        raise ValueError(f"reputation timeout_weight must be a finite number >= 0, got {config.timeout_weight!r}")
+    if config.pending_routes < 1:
+        raise ValueError(f"reputation pending_routes must be >= 1, got {config.pending_routes!r}")
+    return config
 
 
 @dataclass(frozen=True)

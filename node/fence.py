@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Protocol
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from broker.config import ReputationConfig
+from broker.config import check_reputation_config as check_broker_reputation
 from broker.reputation import ReputationLedger
 from broker.telemetry import TelemetryConsumer
 from node.replies import TRANSPORT_ERRORS
@@ -52,25 +52,12 @@ logger = logging.getLogger(__name__)
 
 
 def check_reputation_config(config: ReputationConfig) -> ReputationConfig:
-    """The same knobs brokers use, checked so a typo fails at start instead of fencing every node.
+    """The same knobs brokers use, checked so a typo fails at start instead of fencing every node
+    (:func:`broker.config.check_reputation_config`, which ``ReputationConfig`` also runs when built).
 
     :raises ValueError: naming the knob and its valid range.
     """
-    ranges = {
-        "threshold": (config.threshold, 0.0, 1.0),
-        "prior": (config.prior, 0.0, 1.0),
-    }
-    for name, (value, low, high) in ranges.items():
-        if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"reputation {name} must be in [{low:g}, {high:g}], got {value!r}")
-    if config.threshold > config.prior:
-        raise ValueError(f"reputation threshold {config.threshold} is above the prior {config.prior}: a node's score "
-                         "decays back to the prior, so a fenced node could never return; lower the threshold")
-    positive = {"half_life_s": config.half_life_s, "prior_weight": config.prior_weight}
-    for name, value in positive.items():
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"reputation {name} must be a finite number > 0, got {value!r}")
-    return config
+    return check_broker_reputation(config)
 
 
 class LedgerView(Protocol):

@@ -35,6 +35,9 @@ def test_bad_configuration_says_what_to_fix(amqp_url: str, topology: Topology) -
     out = broker_cli("run", "--amqp-url", amqp_url, "--namespace", topology.namespace, "--static-group", "g=tiny",
                      "--scheduler", "nonsense")
     assert out.returncode == 2 and "unknown scheduler" in out.stderr
+    out = broker_cli("run", "--amqp-url", amqp_url, "--namespace", topology.namespace, "--static-group", "g=tiny",
+                     "--reputation-threshold", "5")
+    assert out.returncode == 2 and "reputation threshold must be in [0, 1]" in out.stderr
 
 
 async def test_init_is_idempotent_and_status_shows_the_deployment(amqp_url: str, topology: Topology) -> None:
