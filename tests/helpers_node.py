@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -114,3 +116,18 @@ def reference_generate(model_path: Path | str, prompt: list[int], max_new_tokens
     # an explicit mask: generate() would otherwise mask any prompt token equal to the pad id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return [int(t) for t in out[0, len(prompt):]]
+
+
+async def read_until(stream: asyncio.StreamReader, lines: list[str], pattern: re.Pattern[str]) -> re.Match[str]:
+    """Read a node process's log lines (kept in ``lines``) until one matches ``pattern``.
+
+    :raises AssertionError: the process exited first (the last lines say why).
+    """
+    while True:
+        raw = await stream.readline()
+        if not raw:
+            raise AssertionError("the node exited before serving:\n" + "\n".join(lines[-30:]))
+        lines.append(raw.decode(errors="replace").rstrip())
+        found = pattern.search(lines[-1])
+        if found:
+            return found

@@ -21,22 +21,11 @@ from proto import blocks_pb2, blocks_pb2_grpc
 from proto.errors import NoRouteError
 from proto.records import BlockRecord
 from proto.topology import Topology
-from tests.helpers_node import FixedRecords, reference_generate
+from tests.helpers_node import FixedRecords, read_until, reference_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "run-swarm-Secret_42"
 PROMPT = (5, 17, 200, 33, 99)
-
-
-async def _read_until(stream: asyncio.StreamReader, lines: list[str], pattern: re.Pattern[str]) -> re.Match[str]:
-    while True:
-        raw = await stream.readline()
-        if not raw:
-            raise AssertionError("the node exited before serving:\n" + "\n".join(lines[-30:]))
-        lines.append(raw.decode(errors="replace").rstrip())
-        found = pattern.search(lines[-1])
-        if found:
-            return found
 
 
 @pytest.mark.parametrize("server", ["plain", "accelerated"])
@@ -55,8 +44,8 @@ async def test_a_private_node_refuses_drivers_without_the_token_and_serves_membe
     lines: list[str] = []
     try:
         address = (await asyncio.wait_for(
-            _read_until(proc.stderr, lines, re.compile(r"serving blocks \(0, 4\) at (\S+);")), 120))[1]
-        await asyncio.wait_for(_read_until(proc.stderr, lines, re.compile("ready: model")), 120)
+            read_until(proc.stderr, lines, re.compile(r"serving blocks \(0, 4\) at (\S+);")), 120))[1]
+        await asyncio.wait_for(read_until(proc.stderr, lines, re.compile("ready: model")), 120)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = blocks_pb2_grpc.BlockServiceStub(channel)
             for metadata in ((), call_metadata("not-the-token")):

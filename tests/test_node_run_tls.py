@@ -20,21 +20,10 @@ from node.engine import GenerationRequest
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.records import BlockRecord
 from proto.topology import Topology
-from tests.helpers_node import ROOT, FixedRecords, reference_generate
+from tests.helpers_node import ROOT, FixedRecords, read_until, reference_generate
 from tests.helpers_tls import make_ca, make_node, node_tls
 
 PROMPT = (5, 17, 200, 33, 99)
-
-
-async def _read_until(stream: asyncio.StreamReader, lines: list[str], pattern: re.Pattern[str]) -> re.Match[str]:
-    while True:
-        raw = await stream.readline()
-        if not raw:
-            raise AssertionError("the node exited before serving:\n" + "\n".join(lines[-30:]))
-        lines.append(raw.decode(errors="replace").rstrip())
-        found = pattern.search(lines[-1])
-        if found:
-            return found
 
 
 @pytest.mark.parametrize("server", ["plain", "accelerated"])
@@ -57,8 +46,8 @@ async def test_a_tls_node_serves_members_only_over_tls(
     lines: list[str] = []
     try:
         address = (await asyncio.wait_for(
-            _read_until(proc.stderr, lines, re.compile(r"serving blocks \(0, 4\) at (\S+);")), 120))[1]
-        await asyncio.wait_for(_read_until(proc.stderr, lines, re.compile("ready: model")), 120)
+            read_until(proc.stderr, lines, re.compile(r"serving blocks \(0, 4\) at (\S+);")), 120))[1]
+        await asyncio.wait_for(read_until(proc.stderr, lines, re.compile("ready: model")), 120)
         async with grpc.aio.insecure_channel(address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await blocks_pb2_grpc.BlockServiceStub(channel).Info(blocks_pb2.InfoRequest(), timeout=10)
