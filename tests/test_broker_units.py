@@ -308,6 +308,51 @@ async def test_settler_acks_contiguous_runs_with_one_frame() -> None:
     assert channel.calls[-1] == ("ack", 5, True)
 
 
+class SlowChannel(FakeChannel):
+    """Every write waits for ``release``, like aiormq's put into a full write queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started: list[tuple[str, int]] = []
+
+    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.started.append(("ack", tag))
+        await self.release.wait()
+        await super().basic_ack(tag, multiple)
+
+    async def basic_reject(self, tag: int, requeue: bool = True) -> None:
+        self.started.append(("reject", tag))
+        await self.release.wait()
+        await super().basic_reject(tag, requeue)
+
+
+async def test_settler_keeps_one_ack_in_flight_per_channel_so_acks_cannot_overtake() -> None:
+    channel, settler = SlowChannel(), Settler()
+    settler.ack(delivery(channel, 1))
+    await asyncio.sleep(0)
+    settler.ack(delivery(channel, 2))
+    settler.ack(delivery(channel, 3))
+    await asyncio.sleep(0.01)
+    assert channel.started == [("ack", 1)]  # the ack for 3 waits for the write of 1
+    channel.release.set()
+    await settler.drain()
+    assert channel.calls == [("ack", 1, True), ("ack", 3, True)]
+
+
+async def test_settler_acks_past_a_reject_only_after_the_reject_is_written() -> None:
+    channel, settler = SlowChannel(), Settler()
+    rejecting = asyncio.create_task(settler.reject(delivery(channel, 1), requeue=True))
+    await asyncio.sleep(0)
+    settler.ack(delivery(channel, 2))
+    await asyncio.sleep(0.01)
+    assert channel.started == [("reject", 1)]  # a multiple-ack for 2 now would ack the requeued 1
+    channel.release.set()
+    assert await rejecting
+    await settler.drain()
+    assert channel.calls == [("reject", 1, True), ("ack", 2, True)]
+
+
 async def test_settler_ignores_closed_channels() -> None:
     channel, settler = FakeChannel(), Settler()
     channel.is_closed = True

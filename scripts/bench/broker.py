@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -209,6 +210,9 @@ async def bench(args: argparse.Namespace) -> dict:
         "select_p99_ms": snap["select_p99_ms"],
         "lost": lost,
         "duplicates": result["duplicates"],
+        "requeued": snap["requeued"],  # each one is routed again: the stub consumer then sees a duplicate
+        "crashed": snap["crashed"],
+        "reconnects": snap["reconnects"],
         "scheduler": service.policy.name,
         "groups": len(groups),
         "distinct_prompts": args.prompts,
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="queue every request before the broker starts (measures draining a backlog)")
     args = parser.parse_args(argv)
     args.requests = args.requests or (5000 if args.quick else 30000)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,  # a requeue or reconnect says why on stderr
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
