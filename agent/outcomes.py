@@ -11,17 +11,15 @@ result is neither failed nor delayed by it.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
 
-import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
-from proto.telemetry import OUTCOME_REPORT
+from proto.telemetry import publish_entry
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -89,20 +87,7 @@ class OutcomeReporter:
     async def _publish(self, channel: AbstractChannel, observation: Observation) -> None:
         report = observation.to_proto(self._agent_id)
         try:
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    report.SerializeToString(),
-                    type=OUTCOME_REPORT,
-                    message_id=f"{report.request_id}:outcome",
-                    correlation_id=report.request_id,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    timestamp=dt.datetime.now(dt.UTC),
-                    app_id=self._agent_id,
-                ),
-                routing_key=self._topology.telemetry_stream,
-                mandatory=True,
-                timeout=self._timeout_s,
-            )
+            await publish_entry(channel, self._topology, report, app_id=self._agent_id, timeout_s=self._timeout_s)
         except Exception as exc:  # best effort: the user has the result already
             self.failed += 1
             logger.warning("could not report the outcome of %s to the telemetry stream (%r)",

@@ -16,7 +16,6 @@ import datetime as dt
 import logging
 import time
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from google.protobuf.message import DecodeError
 
@@ -24,12 +23,11 @@ from node.dedup import RecentIds
 from proto import common_pb2, messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.records import HardwareInfo
-from proto.telemetry import TIMING_REPORT, entry_kind
+from proto.telemetry import TIMING_REPORT, entry_kind, publish_entry
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
 
-REPORT_TYPE = TIMING_REPORT
 TASK_TEXT_CHARS = 256  # prompt prefix kept in a report for the scheduler's LM embedding
 
 
@@ -140,16 +138,6 @@ class TelemetryTail:
 
 
 async def publish_report(channel: AbstractChannel, topology: Topology, report: messages_pb2.TimingReport) -> None:
-    """Append ``report`` to the telemetry stream (publisher confirm awaited, mandatory)."""
-    await channel.default_exchange.publish(
-        aio_pika.Message(
-            report.SerializeToString(),
-            type=REPORT_TYPE,
-            message_id=f"{report.request_id}:report",
-            correlation_id=report.request_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=dt.datetime.now(dt.UTC),
-        ),
-        routing_key=topology.telemetry_stream,
-        mandatory=True,
-    )
+    """Append ``report`` to the telemetry stream (publisher confirm awaited, mandatory; see
+    :func:`proto.telemetry.publish_entry`, which agents' outcomes go through too)."""
+    await publish_entry(channel, topology, report)

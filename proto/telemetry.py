@@ -1,4 +1,4 @@
-"""Kinds of entries on the telemetry stream, told apart by the AMQP ``type`` property.
+"""Entries on the telemetry stream: their kinds (the AMQP ``type`` property) and how one is appended.
 
 Three parties write to ``<namespace>.telemetry``:
 
@@ -10,11 +10,26 @@ Three parties write to ``<namespace>.telemetry``:
 Every reader asks :func:`entry_kind` first and skips kinds it does not handle, so a new
 kind never reaches an old parser. An entry without a ``type`` is a ``TimingReport``:
 that is what nodes wrote before the header was read by anyone.
+
+Nodes and agents append their per-request entries with :func:`publish_entry`, so the two
+agree on the headers (kind, ``<request_id>:<suffix>`` message id, persistence) by
+construction. Brokers publish their batches with ``broker.amqp.publish`` instead: it skips
+``aio_pika.Message`` for speed, on a path that runs once per routed request.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import aio_pika
+
 from proto import messages_pb2
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel
+
+    from proto.topology import Topology
 
 TIMING_REPORT = messages_pb2.TimingReport.DESCRIPTOR.name
 OUTCOME_REPORT = messages_pb2.OutcomeReport.DESCRIPTOR.name
@@ -27,6 +42,11 @@ _FULL_NAMES = {
     messages_pb2.RoutingRecord.DESCRIPTOR.full_name: ROUTING_RECORD,
     messages_pb2.RoutingRecordBatch.DESCRIPTOR.full_name: ROUTING_RECORD_BATCH,
 }
+# Per-request entries get the message id "<request_id>:<suffix>", one suffix per kind, so a
+# node's report and an agent's outcome for the same request never share an id.
+MESSAGE_ID_SUFFIX = {TIMING_REPORT: "report", OUTCOME_REPORT: "outcome"}
+
+RequestEntry = messages_pb2.TimingReport | messages_pb2.OutcomeReport
 
 
 def entry_kind(message_type: str | None) -> str:
@@ -37,3 +57,48 @@ def entry_kind(message_type: str | None) -> str:
     if not message_type:
         return TIMING_REPORT
     return _FULL_NAMES.get(message_type, message_type)
+
+
+def entry_message(entry: RequestEntry, *, app_id: str | None = None) -> aio_pika.Message:
+    """The persistent AMQP message for one per-request entry, typed with its kind.
+
+    :raises TypeError: ``entry`` is not a kind that nodes or agents append (a routing record
+        or any other message would reach readers under a wrong or unknown kind).
+    """
+    kind = entry.DESCRIPTOR.name
+    suffix = MESSAGE_ID_SUFFIX.get(kind)
+    if suffix is None:
+        raise TypeError(f"{kind} is not a per-request telemetry entry; expected one of {sorted(MESSAGE_ID_SUFFIX)}")
+    return aio_pika.Message(
+        entry.SerializeToString(),
+        type=kind,
+        message_id=f"{entry.request_id}:{suffix}",
+        correlation_id=entry.request_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        timestamp=dt.datetime.now(dt.UTC),
+        app_id=app_id,
+    )
+
+
+async def publish_entry(
+    channel: AbstractChannel,
+    topology: Topology,
+    entry: RequestEntry,
+    *,
+    app_id: str | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Append ``entry`` to the telemetry stream, mandatory; returns once RabbitMQ confirmed it
+    (on a channel with publisher confirms).
+
+    Errors are aio_pika's and propagate: both callers treat telemetry as best effort and
+    decide themselves what a failure costs (log it, count it).
+
+    :raises TypeError: see :func:`entry_message`.
+    """
+    await channel.default_exchange.publish(
+        entry_message(entry, app_id=app_id),
+        routing_key=topology.telemetry_stream,
+        mandatory=True,
+        timeout=timeout_s,
+    )
