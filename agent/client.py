@@ -13,6 +13,9 @@ messages, then one ``InferenceResult``) arrives on the agent's own durable reply
 and is matched to its request by ``request_id``. Delivery is at-least-once upstream, so
 the agent drops what it has seen: chunks it already has, and results of finished
 requests. A result with an error raises the matching :class:`proto.errors.DinetError`.
+Every result's signature is checked first: one that does not verify is refused with
+:class:`proto.result_signing.ResultSignatureError`; an unsigned one is accepted and marked
+unsigned (``GenerationResult.signed``), and its outcome cannot credit any node.
 When a request is over the agent reports what it saw (node, outcome, its own timings) to
 the telemetry stream, in the background (:mod:`agent.outcomes`): brokers judge nodes on it.
 """
@@ -36,8 +39,9 @@ from google.protobuf.message import DecodeError
 from agent.config import AgentConfig
 from agent.outcomes import OutcomeReporter
 from agent.pending import PendingRequest, observation
-from agent.results import Chunk, GenerationResult, chunk_from_proto, result_from_proto
+from agent.results import Chunk, GenerationResult, chunk_from_proto, refusal, result_from_proto
 from proto import errors, messages_pb2
+from proto.result_signing import Verdict, verify_result
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -374,9 +378,18 @@ class Agent:
 
     def _on_result(self, pending: PendingRequest, message: messages_pb2.InferenceResult) -> None:
         self._forget(pending.request_id)
+        verdict = verify_result(message)
+        if verdict is Verdict.INVALID:  # a bad answer from whoever sent it: never handed over as the node's
+            logger.warning("refusing the result of request %s: it names node %r but its signature does not verify",
+                           pending.request_id, message.node_id)
+            pending.items.put_nowait(refusal(message))
+            self._report(pending, message, verdict=verdict)
+            return
+        if verdict is Verdict.UNSIGNED:
+            logger.debug("result of request %s from node %r is unsigned", pending.request_id, message.node_id)
         if not message.ok:
             pending.items.put_nowait(errors.DinetError.from_proto(message.error))
-            self._report(pending, message)
+            self._report(pending, message, verdict=verdict)
             return
         now = time.perf_counter()
         tail = tuple(message.token_ids[pending.next_index :])
@@ -387,12 +400,13 @@ class Agent:
                 pending.first_token_at = now
         submitted = pending.submitted or now
         first = pending.first_token_at if pending.first_token_at is not None else now
-        pending.items.put_nowait(result_from_proto(message, ttft_s=first - submitted, total_s=now - submitted))
-        self._report(pending, message, now=now)
+        pending.items.put_nowait(result_from_proto(message, ttft_s=first - submitted, total_s=now - submitted,
+                                                   signed=verdict is Verdict.VALID))
+        self._report(pending, message, now=now, verdict=verdict)
 
     def _report(self, pending: PendingRequest, message: messages_pb2.InferenceResult | None, *,
-                deadline_passed: bool = False, now: float | None = None) -> None:
+                deadline_passed: bool = False, now: float | None = None, verdict: Verdict = Verdict.UNSIGNED) -> None:
         """Hand what this agent saw of a finished request to the background reporter (never raises)."""
         if self.config.report_outcomes:
-            seen = observation(pending, message, deadline_passed=deadline_passed, now=now)
+            seen = observation(pending, message, deadline_passed=deadline_passed, now=now, verdict=verdict)
             self.outcomes.report(self._publish_channel, seen)

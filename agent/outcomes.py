@@ -41,6 +41,11 @@ class Observation:
     ttft_s: float  # 0 when no token arrived
     total_s: float
     new_tokens: int
+    # the answer's verified signature, forwarded so brokers can check who answered (proto/result_signing.py);
+    # all empty when the result was unsigned or refused
+    signer_key: bytes = b""
+    signature: bytes = b""
+    answer_digest: bytes = b""
 
     def to_proto(self, agent_id: str) -> messages_pb2.OutcomeReport:
         decode = self.total_s - self.ttft_s
@@ -59,6 +64,9 @@ class Observation:
             new_tokens=self.new_tokens,
             observed_at=time.time(),
             agent_id=agent_id,
+            signer_key=self.signer_key,
+            signature=self.signature,
+            answer_digest=self.answer_digest,
         )
 
 

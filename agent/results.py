@@ -1,7 +1,8 @@
 """What an agent hands back: streamed chunks and the final result, as plain dataclasses.
 
 Nothing past this module sees protobuf types; :func:`chunk_from_proto` and
-:func:`result_from_proto` are the edge.
+:func:`result_from_proto` are the edge. :func:`refusal` is the typed error for a result whose
+signature does not verify (:mod:`proto.result_signing`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proto import messages_pb2
+from proto.result_signing import ResultSignatureError
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,12 @@ class GenerationResult:
     node_timing: NodeTiming
     ttft_s: float  # at the agent: submission to first token received
     total_s: float  # at the agent: submission to final result received
+    signer_key: bytes = b""  # public key whose signature over this result verified; b"" = the node did not sign
+    #   (the agent checks the signature, not who owns the key: brokers check that against the DHT)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signer_key)
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,6 +83,7 @@ class GenerationResult:
             "node_id": self.node_id,
             "group": self.group,
             "method": self.method,
+            "signed": self.signed,
             "ttft_s": round(self.ttft_s, 6),
             "total_s": round(self.total_s, 6),
             "tokens_per_s": round(self.tokens_per_s, 3),
@@ -99,7 +108,18 @@ def chunk_from_proto(message: messages_pb2.TokenChunk) -> Chunk:
     )
 
 
-def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, total_s: float) -> GenerationResult:
+def refusal(message: messages_pb2.InferenceResult) -> ResultSignatureError:
+    """The error the caller gets for a result whose signature does not verify."""
+    return ResultSignatureError(
+        f"the result of request {message.request_id} names node {message.node_id!r} but its signature does "
+        "not verify (changed on the way, or forged in that node's name), so it was refused; send the request "
+        "again, and report the node if it happens again"
+    )
+
+
+def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, total_s: float,
+                      signed: bool = False) -> GenerationResult:
+    """``signed``: the caller verified the result's signature (:func:`proto.result_signing.verify_result`)."""
     t = message.timing
     return GenerationResult(
         request_id=message.request_id,
@@ -119,4 +139,5 @@ def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, t
         ),
         ttft_s=ttft_s,
         total_s=total_s,
+        signer_key=message.signer_key if signed else b"",
     )

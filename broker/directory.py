@@ -10,6 +10,11 @@ Two sources, merged:
 
 The routing path reads :meth:`GroupDirectory.groups_for` from memory; a background
 task refreshes the DHT view every ``ttl_s`` seconds, so a slow DHT never slows routing.
+
+The DHT view also says who owns each node's record (the RSA key its subkey names and
+its values are signed with): :meth:`GroupDirectory.owner_key` is how the reputation
+ledger checks that a signed result's key belongs to the node it names
+(:mod:`proto.result_signing`). Static groups have no owners.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,13 +109,17 @@ class DhtNodeReader:
             logger.info("DHT peer started; nodes can join with --initial-peers %s", addresses)
 
     async def fetch(self) -> list[NodeRecord]:
+        return [record for record, _ in await self.fetch_owned()]
+
+    async def fetch_owned(self) -> list[tuple[NodeRecord, bytes]]:
+        """Live node records, each with its owner's public key."""
         from hivemind.utils import get_dht_time
 
-        from proto.dht_schema import parse_node_records
+        from proto.dht_schema import parse_owned_node_records
 
         result = await self.dht.get(NODES_KEY, latest=True, return_future=True)
         # drops unsigned or forged subkeys, tombstones of stopped nodes, expired and invalid records
-        return parse_node_records(result, now=get_dht_time())
+        return parse_owned_node_records(result, now=get_dht_time())
 
     def visible_maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]
@@ -139,6 +148,7 @@ class GroupDirectory:
         self._reader = reader
         self._ttl_s = ttl_s
         self._dht_groups: list[GroupInfo] = []
+        self._owners: dict[str, bytes] = {}  # peer id -> public key owning its DHT record (latest view)
         self._by_model: dict[str, list[GroupInfo]] = {}
         self._task: asyncio.Task[None] | None = None
         self._rebuild()
@@ -169,21 +179,26 @@ class GroupDirectory:
                 seen[info.group] = info
         return [seen[k] for k in sorted(seen)]
 
-    def set_dht_records(self, records: Iterable[NodeRecord]) -> None:
-        """Replace the DHT view (used by the refresher and by tests)."""
+    def set_dht_records(self, records: Iterable[NodeRecord], *, owners: Mapping[str, bytes] | None = None) -> None:
+        """Replace the DHT view (used by the refresher and by tests); ``owners``: peer id -> record owner key."""
         self._dht_groups = [self._narrow(g) for g in groups_from_records(records)]
+        self._owners = dict(owners or {})
         self._rebuild()
+
+    def owner_key(self, node_id: str) -> bytes | None:
+        """The public key that owns ``node_id``'s DHT record in the latest view; ``None`` when not known."""
+        return self._owners.get(node_id)
 
     async def refresh(self) -> None:
         if self._reader is None:
             return
         try:
-            records = await asyncio.wait_for(self._reader.fetch(), timeout=max(5.0, self._ttl_s))
+            owned = await asyncio.wait_for(self._reader.fetch_owned(), timeout=max(5.0, self._ttl_s))
         except Exception as exc:  # keep the last good view; the next refresh may succeed
             logger.warning("DHT refresh failed, keeping the previous view of %d groups: %s",
                            len(self._dht_groups), exc)
             return
-        self.set_dht_records(records)
+        self.set_dht_records([record for record, _ in owned], owners={r.peer_id: key for r, key in owned})
 
     async def start(self) -> None:
         if self._reader is None:

@@ -4,10 +4,17 @@ Anyone who can write to the telemetry stream can write these, so every field is 
 before the ledger sees it (finite, non-negative numbers, bounded strings, a known error
 code, fields that agree with each other). A bad entry raises :class:`EvidenceError`,
 which the telemetry consumer logs and skips: it never stops the consumer.
+
+An answered outcome may carry the node's signature over the answer
+(:mod:`proto.result_signing`), forwarded by the agent; :func:`parse_outcome` verifies it
+over the outcome's own fields (a signature that does not verify is an :class:`EvidenceError`),
+and :func:`attribution_problem` says whether the verified signer may stand for the node the
+outcome names: the owner of that node's DHT record, else the key already credited for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
+from proto.result_signing import DIGEST_BYTES, signed_bytes, verify_signature
 
 MAX_ID_CHARS = 128  # request ids, node ids, agent ids, group names
 MAX_SECONDS = 7 * 86400.0  # a request measured as taking longer than a week is not a measurement
@@ -58,6 +66,7 @@ class Outcome:
     tokens_per_s: float
     new_tokens: int
     observed_at: float
+    signer_key: bytes = b""  # the key whose signature over this answer verified; b"" = unsigned answer
 
     def observed_rate(self) -> float | None:
         """Tokens/s the agent got, or None when it cannot be told.
@@ -156,4 +165,46 @@ def parse_outcome(body: bytes) -> Outcome:
     )
     if outcome.ttft_s > outcome.total_s + 1e-6:
         raise EvidenceError(f"ttft_s={outcome.ttft_s} is after total_s={outcome.total_s}")
-    return outcome
+    signer = _verified_signer(report)
+    return dataclasses.replace(outcome, signer_key=signer) if signer else outcome
+
+
+def _verified_signer(report: messages_pb2.OutcomeReport) -> bytes:
+    """The signer key of a signed answer whose signature verifies over the report's fields; b"" when unsigned.
+
+    :raises EvidenceError: half a signature, or one that does not verify (forged, or an outcome the node
+        did not sign: another node, request, group, ok or error code).
+    """
+    parts = (report.signer_key, report.signature, report.answer_digest)
+    if not any(parts):
+        return b""
+    if not all(parts) or not report.answered:
+        raise EvidenceError("signer_key, signature and answer_digest come together, and only with an answer")
+    if len(report.answer_digest) != DIGEST_BYTES:
+        raise EvidenceError(f"answer_digest is {len(report.answer_digest)} bytes, not {DIGEST_BYTES}")
+    data = signed_bytes(request_id=report.request_id, node_id=report.node_id, group=report.group, ok=report.ok,
+                        error_code=report.error_code, digest=report.answer_digest)
+    if not verify_signature(report.signer_key, data, report.signature):
+        raise EvidenceError(f"the answer's signature does not verify for node {report.node_id!r} "
+                            f"(request {report.request_id!r})")
+    return report.signer_key
+
+
+def attribution_problem(outcome: Outcome, *, owner_key: bytes | None, known_key: bytes | None) -> str:
+    """Why ``outcome`` may not move ``outcome.node_id``'s reputation, or "" when it may.
+
+    Only answers are checked: an outcome with no answer names the node whose (unsigned) chunks
+    arrived and is judged as before. An answer must be signed, by the key that owns the named
+    node's DHT record when the broker knows that record (``owner_key``), else by the key of the
+    last answer credited to that node id in the stream (``known_key``; ``None``: none yet, and
+    the first signer is trusted).
+    """
+    if not outcome.answered or not outcome.node_id:
+        return ""
+    if not outcome.signer_key:
+        return "answer not signed"
+    if owner_key is not None:
+        return "" if outcome.signer_key == owner_key else "signer does not own the named node's DHT record"
+    if known_key is not None and outcome.signer_key != known_key:
+        return "signer is not the key already credited for the named node"
+    return ""

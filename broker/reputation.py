@@ -21,15 +21,23 @@ outcome without a record would let any writer of the stream sink any node with
 invented request ids. The event time of a judgement is the broker's ``routed_at``,
 never a time an agent or a node wrote, so nobody can age evidence away.
 
-What can still lie. Results are not signed: an agent can *defame* the node that
-served it (or name any node id within the group its request was routed to), once per
-request it really sent; a node can put another node's id on its results. Agent ids and
-node ids are not authenticated on AMQP. The next step is signing each result with the
-node's DHT key (the key its signed ``NodeRecord`` carries) and having the agent forward
-the signature in its outcome, so brokers can check who answered. A deadline that
-passed with no answer and no streamed tokens cannot be blamed on anyone (nobody knows
-which node, if any, held the task): it is counted in :attr:`ReputationLedger.unattributed`
-and moves no score.
+Who answered. Nodes sign their results with their DHT record key and agents forward the
+signature in their outcome (:mod:`proto.result_signing`); :mod:`broker.evidence` verifies
+it over the outcome's own fields. An answered outcome moves the named node's score only
+when it is signed by the key that owns that node's DHT record (``owner_key``, the broker's
+DHT view), or, for a node with no record in view (static groups, a node gone from the
+DHT), by the key its earlier credited answers were signed with (the first signer seen
+for a node id is trusted). Otherwise (an
+unsigned answer, another node's key) the request is over and nobody is judged; the
+reason is counted in :attr:`ReputationLedger.ignored`. So a node that puts another node's
+id on its results moves nothing, and an agent cannot report an ok or error the node did
+not sign. What can still lie: an agent may withhold or misreport its own timings; streamed
+chunks are unsigned, so a deadline missed after chunks arrived is blamed on the node those
+chunks name; agent ids are not authenticated on AMQP. A deadline that passed with no
+answer and no streamed tokens cannot be blamed on anyone (nobody knows which node, if any,
+held the task): it is counted in :attr:`ReputationLedger.unattributed` and moves no score.
+The DHT view is each broker's own, so brokers may disagree on an outcome judged while a
+node's record was out of one broker's view.
 
 Every broker feeds the same stream, in the same order, into a :class:`ReputationLedger`,
 so every broker (and `dinet-broker status`) rebuilds the same table; only the final
@@ -53,12 +61,16 @@ a node below 0.5: a mispredicting scheduler must not ban the whole swarm.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.config import ReputationConfig
-from broker.evidence import Outcome, Route
+from broker.evidence import Outcome, Route, attribution_problem
 from proto.common_pb2 import ErrorCode
+
+logger = logging.getLogger(__name__)
 
 NODE_FAULTS = frozenset({ErrorCode.ERROR_CODE_UNSPECIFIED, ErrorCode.NODE_FAILURE, ErrorCode.INTERNAL})
 ROUTES_PER_REQUEST = 4  # a request routed again (broker crash, redelivery) keeps its first few records
@@ -115,10 +127,17 @@ class NodeReputation:
 
 
 class ReputationLedger:
-    """Joins brokers' routing records with agents' outcomes into per-node standings; read with :meth:`score`."""
+    """Joins brokers' routing records with agents' outcomes into per-node standings; read with :meth:`score`.
 
-    def __init__(self, config: ReputationConfig | None = None) -> None:
+    :param owner_key: node id -> the public key owning its DHT record, ``None`` when unknown
+        (:meth:`broker.directory.GroupDirectory.owner_key`); without it only first-seen keys are checked.
+    """
+
+    def __init__(self, config: ReputationConfig | None = None, *,
+                 owner_key: Callable[[str], bytes | None] | None = None) -> None:
         self.config = config or ReputationConfig()
+        self._owner_key = owner_key
+        self._signers: dict[str, bytes] = {}  # node id -> the key its last credited answer was signed with
         self._nodes: dict[str, NodeStanding] = {}
         self._routes: OrderedDict[str, tuple[Route, ...]] = OrderedDict()  # request id -> records, oldest first
         self.observed = 0  # outcomes attributed to a node (changes whenever a score may have)
@@ -146,6 +165,8 @@ class ReputationLedger:
         if route is None:
             return False
         del self._routes[outcome.request_id]  # one judgement per request
+        if not self._signer_stands_for_node(outcome):
+            return False
         if not outcome.node_id:
             self.unattributed += 1
             return True
@@ -159,6 +180,19 @@ class ReputationLedger:
         self._fold(aged, outcome, route)
         self._nodes[outcome.node_id] = aged
         self.observed += 1
+        return True
+
+    def _signer_stands_for_node(self, outcome: Outcome) -> bool:
+        """Whether the answer's signer may move ``outcome.node_id``'s score (see the module docstring)."""
+        owner = self._owner_key(outcome.node_id) if self._owner_key is not None else None
+        problem = attribution_problem(outcome, owner_key=owner, known_key=self._signers.get(outcome.node_id))
+        if problem:
+            self.ignored[problem] += 1
+            log = logger.debug if problem == "answer not signed" else logger.warning
+            log("outcome of request %s not credited to node %s: %s", outcome.request_id, outcome.node_id, problem)
+            return False
+        if outcome.signer_key:
+            self._signers[outcome.node_id] = outcome.signer_key
         return True
 
     def _route_for(self, outcome: Outcome) -> Route | None:

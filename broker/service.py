@@ -90,7 +90,7 @@ class BrokerService:
         self.config = config
         self.topology = Topology(config.namespace)
         self.policy = policy if policy is not None else load_policy(config.scheduler, config.scheduler_model or None)
-        self.ledger = ReputationLedger(config.reputation)
+        self.ledger = ReputationLedger(config.reputation, owner_key=self._owner_key)
         self._directory = directory
         self.clock = clock
         sink_list = list(sinks)
@@ -117,6 +117,10 @@ class BrokerService:
         if self._directory is None:
             raise RuntimeError("the broker is not started")
         return self._directory
+
+    def _owner_key(self, node_id: str) -> bytes | None:
+        """Who owns ``node_id``'s DHT record (the only key that may sign results as that node), if known."""
+        return self._directory.owner_key(node_id) if self._directory is not None else None
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:

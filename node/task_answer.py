@@ -10,6 +10,8 @@
 replies and a settlement. A failure of the engine requeues the task; on its last delivery the
 agent gets a typed ``NODE_FAILURE`` instead. Once a result is out, the publish -> record -> ack
 step is shielded from cancellation, so a shutdown never turns an answered task into a requeue.
+Every final result, ok or error, is signed just before it is published with the node's DHT
+record key (:mod:`proto.result_signing`): one signature per request; chunks are not signed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from node.worker_config import WorkerConfig, WorkerStats
 from proto import errors, messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.methods import DEFAULT_METHOD
+from proto.result_signing import ResultSigner
 from proto.topology import DELIVERY_LIMIT, Topology
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class TaskAnswerer:
 
     :param remember_answered: records a request id as answered (the worker's ledger), called
         after the final result is confirmed and before the task is acked.
+    :param signer: signs every final result with the node's DHT record key.
     """
 
     def __init__(
@@ -83,8 +87,10 @@ class TaskAnswerer:
         engine: Engine,
         tokenizer: Any,
         remember_answered: Callable[[str], None],
+        signer: ResultSigner,
     ) -> None:
         self.config = config
+        self._signer = signer
         self.topology = topology
         self.stats = stats
         self._engine = engine
@@ -246,7 +252,7 @@ class TaskAnswerer:
     ) -> None:
         request = ctx.routed.request
         try:
-            await self._publish_reply(request.request_id, request.reply_to, result.SerializeToString(), RESULT_TYPE)
+            await self._publish_result(request.reply_to, result)
         except DeliveryError as exc:
             await self._reply_queue_gone(d, request, exc)
             return
@@ -316,7 +322,7 @@ class TaskAnswerer:
             )
             result = self._error_result(rid, exc)
             try:
-                await self._publish_reply(rid, reply_to, result.SerializeToString(), RESULT_TYPE)
+                await self._publish_result(reply_to, result)
             except (DeliveryError, ConnectionLost) as err:
                 logger.warning("could not tell %s that its task was malformed: %s", reply_to, err)
             else:
@@ -332,6 +338,11 @@ class TaskAnswerer:
 
     def _error_result(self, request_id: str, exc: errors.DinetError, method: str = "") -> messages_pb2.InferenceResult:
         return error_result(request_id, exc, node_id=self.config.node_id, group=self.config.group, method=method)
+
+    async def _publish_result(self, reply_to: str, result: messages_pb2.InferenceResult) -> None:
+        """Sign (last: nothing may change a signed field after this) and publish a final result."""
+        body = self._signer.sign(result).SerializeToString()
+        await self._publish_reply(result.request_id, reply_to, body, RESULT_TYPE)
 
     async def _publish_reply(self, request_id: str, reply_to: str, body: bytes, kind: str) -> None:
         await publish_reply(self._publish_channel, request_id=request_id, reply_to=reply_to, body=body, kind=kind,

@@ -39,6 +39,7 @@ from node.task_answer import TaskAnswerer
 from node.telemetry import TelemetryTail
 from node.worker_config import WorkerConfig, WorkerStats
 from proto import messages_pb2
+from proto.result_signing import ResultSigner
 from proto.topology import Topology
 
 __all__ = ["TaskWorker", "WorkerConfig", "WorkerStats"]
@@ -53,10 +54,13 @@ class TaskWorker:
         :class:`node.engines.vllm_engine.VllmEngine`); its ``methods`` say which methods it runs.
     :param tokenizer: a ``transformers`` tokenizer of the served model.
     :param ledger: persistent record of answered requests; ``None`` keeps it in memory only.
+    :param signer: signs every final result; ``None``: hivemind's process-wide key, which is the key that
+        signs this process's DHT records (a node without a DHT should pass a key kept in its state directory).
     """
 
     def __init__(
-        self, config: WorkerConfig, *, engine: Engine, tokenizer: Any, ledger: CompletedLedger | None = None
+        self, config: WorkerConfig, *, engine: Engine, tokenizer: Any, ledger: CompletedLedger | None = None,
+        signer: ResultSigner | None = None,
     ) -> None:
         self.config = config
         self.topology = Topology(config.namespace)
@@ -76,7 +80,8 @@ class TaskWorker:
         self._fence: ReputationFence | None = None
         self._fence_task: asyncio.Task[None] | None = None
         self._answerer = TaskAnswerer(config, topology=self.topology, stats=self.stats, engine=engine,
-                                      tokenizer=tokenizer, remember_answered=self._remember_answered)
+                                      tokenizer=tokenizer, remember_answered=self._remember_answered,
+                                      signer=signer or ResultSigner.process_wide())
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, connection: AbstractRobustConnection) -> None:

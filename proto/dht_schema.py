@@ -12,6 +12,9 @@ the conventions without brokers importing ``node``:
   store it accepts and every value it fetches. Readers additionally drop unsigned
   subkeys (anyone could write them) and records whose ``peer_id`` differs from the
   subkey's, then validate the fields with the record's ``from_dict``.
+- The same key signs the node's results (:mod:`proto.result_signing`);
+  :func:`parse_owned_node_records` says which key owns each node's record, so a broker
+  can check that a result signed as node X was signed by X's owner.
 - A node that shuts down cleanly overwrites its records with :data:`TOMBSTONE`
   (newer expiration wins in hivemind), so it leaves routing at once instead of after
   one expiry.
@@ -20,6 +23,7 @@ the conventions without brokers importing ``node``:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -33,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 TOMBSTONE: dict[str, Any] = {"offline": True}
 _OWNER_MARK = b"[owner:"
+_OWNER_KEY_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 
 R = TypeVar("R", BlockRecord, NodeRecord)
 
@@ -65,6 +70,15 @@ def subkey_peer_id(subkey: Any) -> str | None:
         return None
 
 
+def subkey_owner_key(subkey: Any) -> bytes | None:
+    """The owner's public key (OpenSSH form, what :class:`proto.result_signing.ResultSigner` signs with) in a
+    signed subkey, or ``None``."""
+    if not isinstance(subkey, bytes):
+        return None
+    match = _OWNER_KEY_RE.search(subkey)
+    return match.group(1) if match else None
+
+
 def is_tombstone(value: Any) -> bool:
     return isinstance(value, dict) and value.get("offline") is True
 
@@ -80,9 +94,14 @@ def parse_entry(entry: Any, parse: Callable[[Any], R], *, now: float | None = No
     :param parse: ``BlockRecord.from_dict`` or ``NodeRecord.from_dict``.
     :param now: DHT time for the expiry check (``hivemind.get_dht_time()``); ``None`` skips it.
     """
+    return [record for record, _ in parse_owned_entry(entry, parse, now=now)]
+
+
+def parse_owned_entry(entry: Any, parse: Callable[[Any], R], *, now: float | None = None) -> list[tuple[R, bytes]]:
+    """Like :func:`parse_entry`, each record with its owner's public key (the key that signed it)."""
     if entry is None or not isinstance(entry.value, dict):
         return []
-    out: list[R] = []
+    out: list[tuple[R, bytes]] = []
     for subkey, item in entry.value.items():
         owner = subkey_peer_id(subkey)
         if owner is None:
@@ -100,13 +119,20 @@ def parse_entry(entry: Any, parse: Callable[[Any], R], *, now: float | None = No
         if record.peer_id != owner:
             logger.debug("skipping record claiming peer %s under subkey of %s", record.peer_id, owner)
             continue
-        out.append(record)
+        key = subkey_owner_key(subkey)
+        if key is not None:
+            out.append((record, key))
     return out
 
 
 def parse_node_records(entry: Any, *, now: float | None = None) -> list[NodeRecord]:
     """Valid :class:`NodeRecord` s from ``dht.get(NODES_KEY, latest=True)``."""
     return parse_entry(entry, NodeRecord.from_dict, now=now)
+
+
+def parse_owned_node_records(entry: Any, *, now: float | None = None) -> list[tuple[NodeRecord, bytes]]:
+    """Valid :class:`NodeRecord` s with their owners' public keys: who may sign results as that node."""
+    return parse_owned_entry(entry, NodeRecord.from_dict, now=now)
 
 
 def parse_block_records(entry: Any, *, now: float | None = None) -> list[BlockRecord]:

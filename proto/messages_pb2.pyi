@@ -121,7 +121,7 @@ class Timing(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class InferenceResult(_message.Message):
-    __slots__ = ("request_id", "ok", "error", "token_ids", "text", "timing", "node_id", "group", "method", "finish_reason")
+    __slots__ = ("request_id", "ok", "error", "token_ids", "text", "timing", "node_id", "group", "method", "finish_reason", "signer_key", "signature")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class InferenceResult(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     ok: bool
     error: _common_pb2.Error
@@ -142,7 +144,9 @@ class InferenceResult(_message.Message):
     group: str
     method: str
     finish_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., method: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    signer_key: bytes
+    signature: bytes
+    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., method: _Optional[str] = ..., finish_reason: _Optional[str] = ..., signer_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class TimingReport(_message.Message):
     __slots__ = ("request_id", "node_id", "group", "model", "method", "ok", "error_code", "timing", "max_new_tokens", "shared_prefix_ratio", "concurrency_at_arrival", "task_text", "hardware", "decision", "finished_at", "broker_reported")
@@ -181,7 +185,7 @@ class TimingReport(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., ok: _Optional[bool] = ..., error_code: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., shared_prefix_ratio: _Optional[float] = ..., concurrency_at_arrival: _Optional[int] = ..., task_text: _Optional[str] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., decision: _Optional[_Union[RoutingDecision, _Mapping]] = ..., finished_at: _Optional[float] = ..., broker_reported: _Optional[str] = ...) -> None: ...
 
 class OutcomeReport(_message.Message):
-    __slots__ = ("request_id", "node_id", "group", "answered", "ok", "error_code", "deadline_passed", "ttft_s", "total_s", "tokens_per_s", "new_tokens", "observed_at", "agent_id")
+    __slots__ = ("request_id", "node_id", "group", "answered", "ok", "error_code", "deadline_passed", "ttft_s", "total_s", "tokens_per_s", "new_tokens", "observed_at", "agent_id", "signer_key", "signature", "answer_digest")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +199,9 @@ class OutcomeReport(_message.Message):
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     node_id: str
     group: str
@@ -208,7 +215,10 @@ class OutcomeReport(_message.Message):
     new_tokens: int
     observed_at: float
     agent_id: str
-    def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., answered: _Optional[bool] = ..., ok: _Optional[bool] = ..., error_code: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., deadline_passed: _Optional[bool] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., observed_at: _Optional[float] = ..., agent_id: _Optional[str] = ...) -> None: ...
+    signer_key: bytes
+    signature: bytes
+    answer_digest: bytes
+    def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., group: _Optional[str] = ..., answered: _Optional[bool] = ..., ok: _Optional[bool] = ..., error_code: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., deadline_passed: _Optional[bool] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., new_tokens: _Optional[int] = ..., observed_at: _Optional[float] = ..., agent_id: _Optional[str] = ..., signer_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., answer_digest: _Optional[bytes] = ...) -> None: ...
 
 class RoutingRecord(_message.Message):
     __slots__ = ("request_id", "agent_id", "model", "decision")

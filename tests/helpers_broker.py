@@ -26,6 +26,7 @@ from google.protobuf.message import Message
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
+from proto.result_signing import ResultSigner
 from proto.topology import PRIORITIES, Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +138,7 @@ class StubGroup:
 
     ``lie``: its TimingReports claim success at 1000 tokens/s whatever it did (reputation must not care).
     ``with_tokens``: answers carry ``max_new_tokens`` token ids, so an agent can measure a rate.
+    ``signer``: signs its results as a real node does (default: the process-wide key; ``sign=False``: unsigned).
     """
 
     url: str
@@ -148,6 +150,8 @@ class StubGroup:
     lie: bool = False
     with_tokens: bool = False
     prefetch: int = 64
+    signer: ResultSigner | None = None
+    sign: bool = True
     tasks: list[messages_pb2.RoutedTask] = field(default_factory=list)
     connection: AbstractRobustConnection | None = None
 
@@ -181,6 +185,8 @@ class StubGroup:
         if not ok:
             result.error.code = code  # type: ignore[assignment]
             result.error.message = "stub failure"
+        if self.sign:
+            (self.signer or ResultSigner.process_wide()).sign(result)
         try:
             await publish_confirmed(self.publish_channel, result.SerializeToString(), request.reply_to, attempts=3)
             if self.report:

@@ -26,6 +26,7 @@ from node.local_engine import LocalEngine
 from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
 from proto import messages_pb2
+from proto.result_signing import ResultSigner
 from proto.telemetry import TIMING_REPORT, entry_kind
 from proto.topology import PRIORITIES, Topology
 
@@ -186,6 +187,7 @@ async def running_worker(
     max_positions: int = 1024,
     reputation: ReputationConfig | None = None,
     fence_check_s: float = 2.0,
+    signer: ResultSigner | None = None,
 ) -> AsyncIterator[TaskWorker]:
     ledger = CompletedLedger(state_dir) if state_dir is not None else None
     config = WorkerConfig(
@@ -199,7 +201,7 @@ async def running_worker(
         reputation=reputation or ReputationConfig(),
         fence_check_s=fence_check_s,
     )
-    worker = TaskWorker(config, engine=engine, tokenizer=tokenizer, ledger=ledger)
+    worker = TaskWorker(config, engine=engine, tokenizer=tokenizer, ledger=ledger, signer=signer)
     await worker.start(connection)
     try:
         yield worker

@@ -22,6 +22,7 @@ from broker.service import BrokerService
 from node.worker import TaskWorker
 from proto import errors, messages_pb2
 from proto.common_pb2 import ErrorCode
+from proto.result_signing import ResultSigner, answer_digest
 from proto.telemetry import OUTCOME_REPORT, ROUTING_RECORD
 from proto.topology import Topology
 from tests.helpers_worker import (  # noqa: F401 (fixtures)
@@ -50,7 +51,8 @@ async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
 
 async def sink(connection: AbstractRobustConnection, topology: Topology, node_id: str, *, failures: int) -> float:
     """Publish ``failures`` requests that ``node_id`` answered with NODE_FAILURE, as broker and agent record
-    them; returns their event time (the node stays below 0.5 for log2(failures / 2) half-lives after it)."""
+    them (signed with the key the test's workers sign with, as the node's own answers would be); returns
+    their event time (the node stays below 0.5 for log2(failures / 2) half-lives after it)."""
     channel = await connection.channel(publisher_confirms=True)
     at = time.time()
     try:
@@ -64,7 +66,11 @@ async def sink(connection: AbstractRobustConnection, topology: Topology, node_id
             outcome = messages_pb2.OutcomeReport(
                 request_id=rid, node_id=node_id, group=GROUP, answered=True, ok=False,
                 error_code=ErrorCode.NODE_FAILURE, agent_id="judge", ttft_s=0.0, total_s=0.5, observed_at=at,
+                answer_digest=answer_digest((), "", "error"), signer_key=ResultSigner.process_wide().public_key,
             )
+            outcome.signature = ResultSigner.process_wide().sign_fields(
+                request_id=rid, node_id=node_id, group=GROUP, ok=False, error_code=ErrorCode.NODE_FAILURE,
+                digest=outcome.answer_digest)
             for kind, message in ((ROUTING_RECORD, record), (OUTCOME_REPORT, outcome)):
                 await channel.default_exchange.publish(
                     aio_pika.Message(message.SerializeToString(), type=kind,
