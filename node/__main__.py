@@ -16,7 +16,7 @@ from proto.topology import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
     from broker.config import ReputationConfig
-    from node.daemon import NodeConfig
+    from node.node_config import NodeConfig
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -81,7 +81,7 @@ def _reputation(args: argparse.Namespace) -> ReputationConfig:
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     from node.blocks.auth import swarm_token_from_env
     from node.blocks.tls import tls_from_args
-    from node.daemon import NodeConfig
+    from node.node_config import NodeConfig
 
     if args.swarm_token is not None and args.blocks is None and not args.initial_peers:
         raise ValueError("--swarm-token protects the block swarm; it needs --blocks or --initial-peers")

@@ -1,6 +1,6 @@
 """Start a block-serving node: DHT peer, selective weight load, gRPC server, announcer, driver.
 
-:func:`start_serving` is what ``dinet-node run`` (node/daemon.py) and the test/bench entry
+:func:`start_serving` is what ``dinet-node run`` (node/engine_stack.py) and the test/bench entry
 :mod:`node.blocks.serve_main` call; :class:`ServingHandle` is what they get back: the
 address it serves on, the DHT multiaddrs others can join through, and a chain-driving
 :class:`~node.blocks.chain_engine.ChainEngine` for the model, usable by the task worker.
