@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from node.accel.chain_session import RETRYABLE, Hop, HopError
+from node.accel.chain_session import Hop, HopError, SwarmTokenError, status_error
 from proto import blocks_pb2
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class BatchLink:
         self.timeout_s = timeout_s
         self.unsupported = False  # the hop answered UNIMPLEMENTED: use per-session Inference streams
         self.generation = 0  # bumped whenever the stream is replaced; sessions on an older one are gone
+        self._fatal: SwarmTokenError | None = None  # the last stream was refused for our swarm token
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._queue: list[_Entry] = []
@@ -145,7 +146,7 @@ class BatchLink:
     def ensure_open(self) -> int:
         """Open the stream if needed; returns its generation (a session remembers the one it opened on)."""
         if self._call is None:
-            self.generation += 1
+            self.generation, self._fatal = self.generation + 1, None
             self._call = self._open_stream()
             self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self.generation))
         return self.generation
@@ -155,8 +156,9 @@ class BatchLink:
 
         :raises HopError: when the step failed on the hop, the stream broke, or no reply came in time.
         """
-        if generation != self.generation or self._call is None:
-            raise HopError(self.hop, "the batched stream was reset; the session's cache is gone", retryable=True)
+        if generation != self.generation or self._call is None:  # (a refused swarm token: say so, not "reset")
+            raise self._fatal or HopError(self.hop, "the batched stream was reset; the session's cache is gone",
+                                          retryable=True)
         future: asyncio.Future[blocks_pb2.InferenceStepResult] = asyncio.get_running_loop().create_future()
         entry = _Entry(step.session_id, step, future, gate=self.gate)
         self._queue.append(entry)
@@ -248,10 +250,9 @@ class BatchLink:
                 self.gate.messages_in_flight -= 1
                 self._resolve(self._in_flight.popleft(), reply)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self.unsupported = True
-            retryable = self.unsupported or exc.code() in RETRYABLE  # unsupported: the session falls back
-            error = HopError(self.hop, f"{exc.code().name}: {exc.details()}", retryable=retryable)
+            self.unsupported = self.unsupported or exc.code() == grpc.StatusCode.UNIMPLEMENTED
+            error = status_error(self.hop, exc.code(), exc.details())
+            error.retryable = error.retryable or self.unsupported  # unsupported: the session falls back
         except asyncio.CancelledError:
             error = HopError(self.hop, "the driver closed the batched stream", retryable=True)
         self._broken(call, error)
@@ -267,8 +268,7 @@ class BatchLink:
                 entry.future.set_exception(HopError(self.hop, "no result for the session's step", retryable=True))
             elif result.error_code:
                 code = _CODES.get(result.error_code, grpc.StatusCode.UNKNOWN)
-                failed = HopError(self.hop, f"{code.name}: {result.error}", retryable=code in RETRYABLE)
-                entry.future.set_exception(failed)
+                entry.future.set_exception(status_error(self.hop, code, result.error))
             else:
                 entry.future.set_result(result.result)
 
@@ -276,7 +276,7 @@ class BatchLink:
         """Fail everything sent or queued on ``call`` and forget it; the next session opens a new stream."""
         if call is not self._call:
             return
-        self._call = None
+        self._call, self._fatal = None, (error if isinstance(error, SwarmTokenError) else None)
         call.cancel()
         pending = [e for batch in self._in_flight for e in batch] + self._queue
         self.gate.messages_in_flight -= len(self._in_flight)

@@ -32,17 +32,19 @@ import torch
 
 from node.accel.batch_link import BatchLink, StepGate
 from node.accel.batching import plan_chunks
-from node.accel.chain_session import ChainSession, Head, Hop, HopError, LogitsBatcher
+from node.accel.chain_session import ChainSession, Head, Hop, HopError, LogitsBatcher, SwarmTokenError
 from node.accel.prefix_cache import prefix_block_hashes
 from node.accel.server import MD_METHOD, MD_PREFIX_BLOCK, MD_PREFIX_HASHES, MD_PREFIX_HIT
 from node.accel.speculative import Drafter, DraftLength, NgramDrafter, verify_greedy
-from node.blocks.tls import TlsConfig, open_channel
+from node.blocks.access import PeerChannels, SwarmAccess
+from node.blocks.auth import swarm_token_from_env
+from node.blocks.tls import TlsConfig
 from node.engine import GenerationRequest
 from node.sampling import choose_next_token, make_generator
 from proto import blocks_pb2_grpc
 from proto.methods import AccelerationMethod, get_method
 
-__all__ = ["AccelChain", "Hop", "HopError"]
+__all__ = ["AccelChain", "Hop", "HopError", "SwarmTokenError"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +85,14 @@ class AccelChain:
         batched_steps: bool = True,
         pipeline_groups: int = 0,
         tls: TlsConfig | None = None,
+        swarm_token: str | None = None,
     ) -> None:
+        """``tls`` and ``swarm_token`` (None = ``$DINET_SWARM_TOKEN``) make the channels it opens without ``stub_for``
+        those of a swarm member; ``stub_for``'s owner (``ChainEngine``'s pool) has both, so not with it (ValueError)."""
         if (hops is None) == (route is None):
             raise ValueError("give either a fixed chain (hops) or a route function, not both")
+        if stub_for is not None and (tls is not None or swarm_token is not None):
+            raise ValueError("with stub_for the stubs carry TLS and the swarm token; do not give tls or swarm_token")
         self.model_name = model_name
         self.head = head
         self.num_layers = head.num_layers
@@ -104,13 +111,12 @@ class AccelChain:
         self.max_restarts = max_restarts
         self.step_timeout_s = step_timeout_s
         self.prefix_answer_s = prefix_answer_s  # how long a hop may take to say which prefix it holds
-        self._options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
         self._stub_for = stub_for
-        self.tls = tls  # channels this driver opens itself (without stub_for) verify hops against the swarm CA
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # the channels this driver opens itself (without stub_for): TLS and the token as every member's
+        self.access = SwarmAccess(swarm_token=swarm_token_from_env() if swarm_token is None else swarm_token, tls=tls)
+        self.tls = tls
+        self._peers = PeerChannels(self.access, [("grpc.max_send_message_length", max_message_bytes),
+                                                 ("grpc.max_receive_message_length", max_message_bytes)])
         self._logits = LogitsBatcher(head, window_s=0.003)
         self._draft_pool: ThreadPoolExecutor | None = None  # draft-model forwards run here, off the event loop
         # continuous batching: one InferenceBatch stream per hop carries all sessions' steps (batch_link.py)
@@ -131,11 +137,7 @@ class AccelChain:
             raise ValueError(f"hops end at block {expected}, the model has {self.num_layers}")
 
     def _stub(self, address: str) -> blocks_pb2_grpc.BlockServiceStub:
-        if self._stub_for is not None:
-            return self._stub_for(address)
-        if address not in self._channels:
-            self._channels[address] = open_channel(address, self._options, self.tls)
-        return blocks_pb2_grpc.BlockServiceStub(self._channels[address])
+        return self._stub_for(address) if self._stub_for is not None else self._peers.stub(address)
 
     def _link(self, hop: Hop) -> BatchLink:
         link = self._links.get(hop)
@@ -153,9 +155,7 @@ class AccelChain:
         if self._draft_pool is not None:
             self._draft_pool.shutdown(wait=False, cancel_futures=True)
             self._draft_pool = None
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close()
+        await self._peers.close()
 
     async def _open(self, method: AccelerationMethod, hashes: list[str], max_length: int) -> tuple[ChainSession, int]:
         """Open a session on the current route; returns it and the prefix length every hop holds."""
@@ -187,6 +187,8 @@ class AccelChain:
                 for c in calls:
                     if c is not None:
                         c.cancel()
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise SwarmTokenError(hop, exc.details()) from None
                 raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=True) from None
             hit = min(hit, int(str(answer.get(MD_PREFIX_HIT, "0")) or 0))
         session = ChainSession(self.model_name, hops, calls, max_length, self.step_timeout_s, self._logits,
@@ -211,6 +213,8 @@ class AccelChain:
                         await run.session.close()
                     run.session, run.needs_replay = None, position > 0
                     continue
+                if isinstance(exc, SwarmTokenError) and self.on_hop_failure is not None:
+                    await self.on_hop_failure(exc.hop)  # a routed driver leaves that peer out from now on
                 if not exc.retryable or run.restarts >= self.max_restarts:
                     raise
                 run.restarts += 1
@@ -275,9 +279,11 @@ class AccelChain:
             try:
                 run.session, start = await self._open(method, hashes, run.max_length)
             except HopError as exc:  # the first route failed before anything was sent: _step moves it
-                logger.warning("%s; opening on another route", exc)
                 if self.on_hop_failure is not None:
                     await self.on_hop_failure(exc.hop)
+                if not exc.retryable:  # our swarm token was refused: no route helps
+                    raise
+                logger.warning("%s; opening on another route", exc)
             out = torch.empty(0)
             for s, e in plan_chunks(len(prompt) - start, method.prefill_chunk):
                 out = await self._step(run, prompt[start + s : start + e], start + s)

@@ -63,6 +63,26 @@ class HopError(RuntimeError):
         self.retryable = retryable
 
 
+class SwarmTokenError(HopError):
+    """A hop refused this driver's swarm token (UNAUTHENTICATED): it is missing, wrong, or the hop is of another swarm.
+
+    Not retryable: every member of a swarm wants the same token, so replaying on another route fails the same
+    way; the fix is configuration (node/blocks/auth.py).
+    """
+
+    def __init__(self, hop: Hop, details: str | None) -> None:
+        super().__init__(hop, f"UNAUTHENTICATED: {details}; this driver needs the swarm's token (AccelChain("
+                         f"swarm_token=...), ChainConfig.swarm_token, --swarm-token or $DINET_SWARM_TOKEN)",
+                         retryable=False)
+
+
+def status_error(hop: Hop, code: grpc.StatusCode, details: str | None) -> HopError:
+    """The error for a hop that ended a call (or a batched step) with ``code``; one mapping for every path."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return SwarmTokenError(hop, details)
+    return HopError(hop, f"{code.name}: {details}", retryable=code in RETRYABLE)
+
+
 class ChainSession:
     """Inference streams to every hop, walked in order for every step."""
 
@@ -106,7 +126,7 @@ class ChainSession:
             except TimeoutError:
                 raise HopError(hop, f"no reply within {self.timeout_s:.1f} s", retryable=True) from None
             except grpc.aio.AioRpcError as exc:
-                raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=exc.code() in RETRYABLE) from None
+                raise status_error(hop, exc.code(), exc.details()) from None
             except (grpc.aio.UsageError, asyncio.InvalidStateError, OSError) as exc:
                 raise HopError(hop, f"stream unusable: {exc}", retryable=True) from None
             finally:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from node.accel.chain import AccelChain
-from node.accel.chain_session import Hop, HopError
+from node.accel.chain_session import Hop, HopError, SwarmTokenError
 from node.engine import GenerationRequest
 from proto.errors import InvalidRequestError, NodeFailureError
 
@@ -81,12 +81,15 @@ def accel_chain_for(engine: ChainEngine) -> AccelChain:
 async def generate_with_method(engine: ChainEngine, request: GenerationRequest) -> AsyncIterator[int]:
     """Tokens of ``request`` generated with its acceleration method over ``engine``'s swarm.
 
-    :raises NodeFailureError: hops kept failing beyond the engine's ``max_replacements``.
+    :raises NodeFailureError: hops kept failing beyond the engine's ``max_replacements``, or one refused the
+        engine's swarm token (that peer is banned).
     :raises InvalidRequestError: a peer rejected the request itself (not retried).
     """
     try:
         async for token in accel_chain_for(engine).generate(request):
             yield token
+    except SwarmTokenError as exc:  # a peer of another swarm (our probes passed): banned now, a retry avoids it
+        raise NodeFailureError(str(exc)) from None
     except HopError as exc:
         if exc.retryable:
             raise NodeFailureError(f"{exc}; gave up after {engine.config.max_replacements} new routes") from None

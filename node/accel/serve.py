@@ -3,7 +3,9 @@
 ``python -m node.accel.serve --model DIR --blocks 0:6 --port 0 [--weight-format bf16] [--threads 2]
 [--delay-ms 5]`` prints ``READY host:port`` on stdout once it serves, then runs until SIGTERM/SIGINT.
 ``--delay-ms`` holds every reply that long: an emulated one-way network delay for hardware-profile
-experiments where ``tc netem`` between network namespaces is not available.
+experiments where ``tc netem`` between network namespaces is not available. ``--swarm-token`` (default
+``$DINET_SWARM_TOKEN``) and ``--tls-*`` make it a private swarm member like ``dinet-node run``'s servers:
+calls without the token get UNAUTHENTICATED (drivers: ``AccelChain(swarm_token=...)``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from node.accel.batching import BatchPolicy
 from node.accel.server import AccelBlockServer, AccelServerConfig
-from node.blocks.auth import SWARM_TOKEN_ENV, swarm_token_from_env
+from node.blocks.auth import add_swarm_token_argument, swarm_token_from_env
 from node.blocks.tls import add_tls_arguments, tls_from_args
 
 
@@ -54,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cohort-gap-ms", type=float, default=BatchPolicy.cohort_gap_ms,
                         help="...or for this long once the first step's cohort is back")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated network delay added to each reply")
-    parser.add_argument("--swarm-token", default=None,
-                        help=f"shared secret every gRPC call must carry (default: ${SWARM_TOKEN_ENV}; unset = open)")
+    add_swarm_token_argument(parser)
     add_tls_arguments(parser)
     return parser
 

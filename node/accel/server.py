@@ -35,8 +35,8 @@ from node.accel.batching import BatchPolicy
 from node.accel.executor import BlockExecutor
 from node.accel.kv import SequenceKV
 from node.accel.prefix_cache import PrefixCache, PrefixLease
-from node.blocks.auth import server_interceptors
-from node.blocks.tls import TlsConfig, bind_port
+from node.blocks.access import SwarmAccess
+from node.blocks.tls import TlsConfig
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
 from proto.methods import METHODS
@@ -313,11 +313,10 @@ class AccelBlockServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
         ]
-        server = grpc.aio.server(options=options, interceptors=server_interceptors(config.swarm_token))
+        access = SwarmAccess(swarm_token=config.swarm_token, tls=config.tls)  # the same as node/blocks' server
+        server = access.server(options)
         blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
-        port = bind_port(server, f"{config.host}:{config.port}", config.tls)
-        if port == 0:
-            raise OSError(f"cannot bind the gRPC server to {config.host}:{config.port}")
+        port = access.bind(server, config.host, config.port)
         await server.start()
         logger.info(
             "accelerated block server for %s %d:%d on port %d", config.model_name, config.start, config.end, port

@@ -12,6 +12,7 @@ An empty token means an open swarm, the default.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import os
 from collections.abc import Awaitable, Callable
@@ -35,8 +36,24 @@ def check_swarm_token(token: str) -> str:
 
 
 def swarm_token_from_env(explicit: str | None = None) -> str:
-    """``explicit`` (a flag) when given, else ``DINET_SWARM_TOKEN``, else "" (open swarm)."""
+    """``explicit`` (a flag) when given, else ``DINET_SWARM_TOKEN``, else "" (open swarm).
+
+    An explicit empty token is refused rather than read as "open swarm": ``--swarm-token "$UNSET_VAR"``
+    would otherwise start a node that its operator believes private, open to anyone.
+
+    :raises ValueError: for an empty flag or a malformed token (never quoting it).
+    """
+    if explicit is not None and not explicit:
+        raise ValueError(f"--swarm-token is empty; give the swarm's token, or leave the flag out (and "
+                         f"${SWARM_TOKEN_ENV} unset) for an open swarm")
     return check_swarm_token(explicit if explicit is not None else os.environ.get(SWARM_TOKEN_ENV, ""))
+
+
+def add_swarm_token_argument(parser: argparse.ArgumentParser | Any) -> None:
+    """``--swarm-token`` (a parser or an argument group), the same on every CLI that serves or drives blocks."""
+    parser.add_argument("--swarm-token", default=None,
+                        help=f"shared secret every gRPC call of the block swarm must carry (default: "
+                        f"${SWARM_TOKEN_ENV}; unset = open swarm; prefer the variable, a flag shows in ps)")
 
 
 class SwarmTokenServerInterceptor(grpc.aio.ServerInterceptor):
@@ -87,9 +104,9 @@ def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
 class TokenStub:
     """A ``BlockServiceStub`` whose every call carries the swarm token, whatever metadata its caller passes.
 
-    For callers outside this package that only take a stub (node/accel's chain driver, handed
-    :meth:`node.blocks.remote.ChannelPool.stub`): they pass their own metadata and know nothing of
-    the token. The token is added once; a caller that already sends it is left alone.
+    Built by :meth:`node.blocks.access.SwarmAccess.stub` for every client in ``node/``, so callers
+    (node/accel's chain driver among them) pass only their own metadata and know nothing of the
+    token. The token is added once; a caller that already sends it is left alone.
     """
 
     def __init__(self, stub: Any, token: str) -> None:

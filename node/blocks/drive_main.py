@@ -15,17 +15,19 @@ import sys
 import time
 from pathlib import Path
 
+from node.blocks.auth import add_swarm_token_argument, swarm_token_from_env
 from node.blocks.chain_engine import ChainConfig, ChainEngine
 from node.blocks.dht import SwarmDHT
 from node.blocks.tls import TlsConfig, add_tls_arguments, tls_from_args
 from node.engine import GenerationRequest
 
 
-async def drive(args: argparse.Namespace, tls: TlsConfig | None = None) -> dict:
+async def drive(args: argparse.Namespace, tls: TlsConfig | None = None, swarm_token: str = "") -> dict:
     dht = await asyncio.to_thread(SwarmDHT.start, initial_peers=args.initial_peers, host=args.host,
                                   client_mode=True)
     engine = ChainEngine(model_path=args.model, model_name=args.name or Path(args.model).name, records=dht,
-                         config=ChainConfig(step_timeout_s=args.step_timeout, push=args.push, tls=tls))
+                         config=ChainConfig(step_timeout_s=args.step_timeout, push=args.push, tls=tls,
+                                            swarm_token=swarm_token))
     try:
         hops: list[str] = []
         tokens: list[int] = []
@@ -57,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push", action="store_true",
                         help="hops push each step to the next hop (default: star, the driver carries every hop)")
     add_tls_arguments(parser)  # a TLS swarm only lets in drivers with a certificate from its CA
+    add_swarm_token_argument(parser)  # a private swarm only answers calls that carry its token
     args = parser.parse_args(argv)
     try:
         tls = tls_from_args(args)
+        token = swarm_token_from_env(args.swarm_token)
     except ValueError as exc:
         parser.error(str(exc))
-    print(json.dumps(asyncio.run(drive(args, tls))), flush=True)
+    print(json.dumps(asyncio.run(drive(args, tls, token))), flush=True)
     return 0
 
 

@@ -31,8 +31,8 @@ from typing import Protocol
 
 import grpc
 
-from node.blocks.auth import call_metadata
-from node.blocks.tls import TlsConfig, open_channel
+from node.blocks.access import PeerChannels, SwarmAccess
+from node.blocks.tls import TlsConfig
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.records import BlockRecord
 
@@ -170,12 +170,11 @@ class SwarmPushPolicy:
 class PushLink:
     """A ``Push`` stream from this node into one session of the next hop."""
 
-    def __init__(
-        self, channel: grpc.aio.Channel, target: PushTarget, *, timeout_s: float, metadata: tuple = ()
-    ) -> None:
+    def __init__(self, stub: blocks_pb2_grpc.BlockServiceStub, target: PushTarget, *, timeout_s: float) -> None:
+        """``stub`` from :meth:`PushChannels.link`: its calls carry the swarm token (node/blocks/access.py)."""
         self.target = target
         self.timeout_s = timeout_s
-        self._call = blocks_pb2_grpc.BlockServiceStub(channel).Push(metadata=metadata)
+        self._call = stub.Push()
 
     async def send(self, message: blocks_pb2.InferenceStep) -> None:
         """Write one step; does not wait for the next hop to compute it.
@@ -211,20 +210,13 @@ class PushChannels:
         tls: TlsConfig | None = None,
     ) -> None:
         self.options = options
+        self.access = SwarmAccess(swarm_token=swarm_token, tls=tls)  # node/blocks/access.py
         self.tls = tls
         self.timeout_s = timeout_s
-        self.metadata = call_metadata(swarm_token)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._peers = PeerChannels(self.access, options)
 
     def link(self, target: PushTarget) -> PushLink:
-        channel = self._channels.get(target.address)
-        if channel is None:
-            channel = open_channel(target.address, self.options, self.tls)
-            self._channels[target.address] = channel
-        return PushLink(channel, target, timeout_s=self.timeout_s, metadata=self.metadata)
+        return PushLink(self._peers.stub(target.address), target, timeout_s=self.timeout_s)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            with contextlib.suppress(Exception):
-                await channel.close(grace=None)
+        await self._peers.close()

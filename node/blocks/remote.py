@@ -17,15 +17,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import grpc
 import torch
 
-from node.blocks.auth import TokenStub, call_metadata
+from node.blocks.access import PeerChannels, SwarmAccess
 from node.blocks.push import PushTarget
 from node.blocks.routing import Hop
-from node.blocks.tls import TlsConfig, open_channel
+from node.blocks.tls import TlsConfig
 from node.blocks.wire import grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
@@ -46,8 +46,10 @@ RETRYABLE = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,  # refused our swarm token: not a member of our swarm (probes usually tell first)
 }
-DEAD = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND}  # of those: the peer is gone or serves other blocks
+# of those: the peer is gone, serves other blocks, or is of another swarm
+DEAD = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
 
 
 class HopFailure(Exception):
@@ -65,25 +67,18 @@ class ChannelPool:
 
     def __init__(self, max_message_bytes: int, *, swarm_token: str = "", tls: TlsConfig | None = None) -> None:
         self.max_message_bytes = max_message_bytes
-        self.tls = tls  # node/blocks/tls.py: every channel verifies its peer against the swarm CA
-        self.metadata = call_metadata(swarm_token)  # every call carries it (node/blocks/auth.py)
-        self._token = swarm_token
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # TLS against the swarm CA and the swarm token on every call (node/blocks/access.py)
+        self.access = SwarmAccess(swarm_token=swarm_token, tls=tls)
+        self.tls = tls
+        self._peers = PeerChannels(self.access, grpc_options(max_message_bytes))
 
     def stub(self, address: str) -> blocks_pb2_grpc.BlockServiceStub:
         """The peer's stub; in a private swarm every call through it carries the token, even from callers
         that pass metadata of their own without it (node/accel's driver, via ``ChainEngine``)."""
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = open_channel(address, grpc_options(self.max_message_bytes), self.tls)
-            self._channels[address] = channel
-        stub = blocks_pb2_grpc.BlockServiceStub(channel)
-        return cast(blocks_pb2_grpc.BlockServiceStub, TokenStub(stub, self._token)) if self._token else stub
+        return self._peers.stub(address)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close(grace=None)
+        await self._peers.close()
 
 
 async def probe_rtt_ms(pool: ChannelPool, hop_address: str, *, timeout_s: float) -> float:
@@ -92,7 +87,7 @@ async def probe_rtt_ms(pool: ChannelPool, hop_address: str, *, timeout_s: float)
     :raises grpc.aio.AioRpcError: when the peer does not answer in time.
     """
     begin = time.perf_counter()
-    await pool.stub(hop_address).Info(blocks_pb2.InfoRequest(), timeout=timeout_s, metadata=pool.metadata)
+    await pool.stub(hop_address).Info(blocks_pb2.InfoRequest(), timeout=timeout_s)
     return (time.perf_counter() - begin) * 1000.0
 
 
@@ -129,7 +124,7 @@ class RemoteSpan:
         self.step_timeout_s = step_timeout_s
         self.tensor_limits = tensor_limits
         self.session_id = uuid.uuid4().hex
-        self._call = pool.stub(hop.address).Inference(metadata=pool.metadata)
+        self._call = pool.stub(hop.address).Inference()
         self._opened = False
 
     def target(self) -> PushTarget:

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from node.blocks.auth import SWARM_TOKEN_ENV, swarm_token_from_env
+from node.blocks.auth import add_swarm_token_argument, swarm_token_from_env
 from node.blocks.chain_engine import ChainConfig
 from node.blocks.launch import ServingConfig, start_serving
 from node.blocks.tls import add_tls_arguments, tls_from_args
@@ -48,8 +48,7 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-period", type=float, default=10.0, help="DHT refresh period, s (default 10)")
     parser.add_argument("--record-ttl", type=float, default=30.0, help="DHT record lifetime, s (default 30)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--swarm-token", default=None,
-                        help=f"shared secret every gRPC call must carry (default: ${SWARM_TOKEN_ENV}; unset = open)")
+    add_swarm_token_argument(parser)
     parser.add_argument("--no-push", action="store_true",
                         help="never push outputs to the next hop, even when a driver asks (default: push when asked)")
     parser.add_argument("--drive-push", action="store_true",

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from node.blocks.auth import server_interceptors
+from node.blocks.access import SwarmAccess
 from node.blocks.block_functions import BlockSpan, run_span
 from node.blocks.kv_cache import CacheFullError, CacheManager, SessionCache
 from node.blocks.push import (
@@ -54,7 +54,7 @@ from node.blocks.push import (
     RouteError,
     parse_route,
 )
-from node.blocks.tls import TlsConfig, bind_port
+from node.blocks.tls import TlsConfig
 from node.blocks.wire import ServerLimits, grpc_options
 from proto import blocks_pb2, blocks_pb2_grpc, common_pb2
 from proto.codec import TensorDecodeError, TensorLimits, decode_tensor, encode_tensor
@@ -367,11 +367,9 @@ async def start_grpc_server(
     With a ``swarm_token``, calls without it are refused with UNAUTHENTICATED (:mod:`node.blocks.auth`);
     with ``tls`` the port speaks only TLS and wants a client certificate from the swarm CA (:mod:`node.blocks.tls`).
     """
-    server = grpc.aio.server(options=grpc_options(servicer.limits.max_message_bytes(servicer.span.hidden_size)),
-                             interceptors=server_interceptors(swarm_token))
+    access = SwarmAccess(swarm_token=swarm_token, tls=tls)  # node/blocks/access.py, as the accelerated server
+    server = access.server(grpc_options(servicer.limits.max_message_bytes(servicer.span.hidden_size)))
     blocks_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
-    bound = bind_port(server, f"{host}:{port}", tls)
-    if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {host}:{port}")
+    bound = access.bind(server, host, port)
     await server.start()
     return server, bound
