@@ -27,6 +27,7 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from proto.dht_schema import TOMBSTONE, make_record_validators, owner_subkey, parse_block_records, parse_node_records
+from proto.process import fork_dht
 from proto.records import NODES_KEY, BlockRecord, NodeRecord, block_key
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ class SwarmDHT:
     ) -> SwarmDHT:
         """Join the swarm through ``initial_peers`` (or start a new one when empty).
 
-        hivemind forks its DHT process from this one; a fork taken while another thread holds a lock the
-        child needs can leave the child stuck. So the new DHT must answer one lookup, else it is stopped and
-        started again (three tries).
+        hivemind forks its DHT process from this one (:func:`fork_dht`, which keeps the child's garbage
+        collector off this process's objects). The new DHT must be ready within a minute and answer
+        one lookup, else it is stopped and started again (three tries): a dead or stuck child is an error,
+        never a hang.
         """
         validators = make_record_validators()
         kwargs: dict = {"host_maddrs": [f"/ip4/{host}/tcp/{port}"]}
@@ -67,15 +69,16 @@ class SwarmDHT:
         for attempt in range(1, 4):
             dht = hivemind.DHT(
                 initial_peers=list(initial_peers) or None,
-                start=True,
+                start=False,
                 client_mode=client_mode,
                 record_validators=validators,
                 **kwargs,
             )
             try:
+                fork_dht(dht)
                 dht.get(NODES_KEY, latest=False, return_future=True).result(timeout=HEALTH_CHECK_S)
                 return cls(dht, validators)
-            except Exception as exc:  # TimeoutError from a stuck child, or the lookup failing outright
+            except Exception as exc:  # TimeoutError from a stuck child, a dead child, or a failed lookup
                 logger.warning("new DHT process did not answer a lookup (%r), attempt %d of 3", exc, attempt)
                 dht.shutdown()
         raise RuntimeError("the hivemind DHT process did not start answering after 3 attempts")
