@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
@@ -29,11 +30,25 @@ from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
 from proto.process import reap_children
 from proto.records import HardwareInfo
+from proto.result_signing import ResultSigner
 
 # NodeConfig lived here before node/node_config.py; importers of node.daemon keep working.
 __all__ = ["NodeConfig", "NodeDaemon", "run_node"]
 
 logger = logging.getLogger(__name__)
+
+RESULT_KEY_FILE = "result_key.der"  # a node without a DHT signs its results with this key (kept across restarts)
+
+
+def result_signer(state_dir: Path, *, in_dht: bool) -> ResultSigner:
+    """The key this node signs its results with (proto/result_signing.py).
+
+    In the DHT: hivemind's process-wide key, the one its DHT records are signed with, so brokers can
+    check a result's signer against the owner of the node's record. Without a DHT: a key kept in the
+    state directory, beside the stable node id, so a restarted node signs as the key already credited
+    for its id.
+    """
+    return ResultSigner.process_wide() if in_dht else ResultSigner.load_or_create(state_dir / RESULT_KEY_FILE)
 
 
 class NodeDaemon:
@@ -83,7 +98,8 @@ class NodeDaemon:
         engine = self._stack.engine
         if engine is None:
             raise RuntimeError("no engine was built")
-        self.worker = TaskWorker(worker_config, engine=engine, tokenizer=tokenizer, ledger=self._ledger)
+        self.worker = TaskWorker(worker_config, engine=engine, tokenizer=tokenizer, ledger=self._ledger,
+                                 signer=result_signer(state_dir, in_dht=node_id == peer_id))
         await self.worker.start(self._connection)
         methods = ", ".join(getattr(engine, "methods", ("baseline",)))
         logger.info("node %s ready: model %s as %r, group %s, namespace %s, engine %s running methods: %s",

@@ -21,6 +21,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from agent import Agent, GenerationResult
 from agent.outcomes import Observation
+from node.daemon import result_signer
 from proto import messages_pb2
 from proto.dht_schema import make_record_validators, owner_subkey, subkey_owner_key
 from proto.result_signing import (
@@ -122,6 +123,13 @@ def test_a_node_without_a_dht_keeps_its_key_across_restarts(tmp_path: Path) -> N
     again = ResultSigner.load_or_create(path)
     assert again.public_key == first.public_key
     assert verify_result(again.sign(answer())) is Verdict.VALID
+
+
+def test_a_node_signs_with_its_dht_key_or_else_with_the_key_in_its_state_dir(tmp_path: Path) -> None:
+    assert result_signer(tmp_path, in_dht=True).public_key == ResultSigner.process_wide().public_key
+    kept = result_signer(tmp_path, in_dht=False)
+    assert kept.public_key != ResultSigner.process_wide().public_key
+    assert result_signer(tmp_path, in_dht=False).public_key == kept.public_key  # the same after a restart
 
 
 # -- the agent ------------------------------------------------------------------------------------
