@@ -104,7 +104,11 @@ async def collect_status(
         recent = [r for r in recorder.reports if r[0] >= now - window_s]
         per_group = Counter(r[1] for r in recent)
         for name, entry in groups.items():
-            entry["nodes"] = [vars(row) for row in table if row.group == name]
+            # a node the ledger remembers (telemetry history) but that no longer announces itself is gone:
+            # the operator should not read its old reputation as a live member of the group
+            announced = set(entry["announced_nodes"]) if entry["source"] == "dht" else None
+            entry["nodes"] = [{**vars(row), "live": None if announced is None else row.node_id in announced}
+                              for row in table if row.group == name]
             entry["completed_per_s"] = round(per_group.get(name, 0) / window_s, 3)
             entry["queue"] = await queue_depth(connection, topology.group_queue(name))
         queues = [await queue_depth(connection, topology.request_queue(p)) for p in PRIORITIES]
@@ -155,12 +159,13 @@ def format_status(status: dict[str, Any]) -> str:
         if g.get("methods", "all") != "all":  # a group that runs only some methods (e.g. a vLLM group)
             models += f" [{'+'.join(g['methods'])}]"
         if not g["nodes"]:
-            node_rows.append([g["group"], models, g["source"], "-", "-", "-", "-", g["completed_per_s"]])
+            node_rows.append([g["group"], models, g["source"], "-", "-", "-", "-", "-", g["completed_per_s"]])
         for n in g["nodes"]:
-            node_rows.append([g["group"], models, g["source"], n["node_id"], f"{n['score']:.3f}",
+            live = {True: "yes", False: "gone", None: "-"}[n.get("live")]
+            node_rows.append([g["group"], models, g["source"], n["node_id"], live, f"{n['score']:.3f}",
                               "yes" if n["eligible"] else "NO", n["reports"], g["completed_per_s"]])
     out += ["", f"Consumer groups (reputation threshold {status['reputation_threshold']})",
-            _table(["group", "models", "source", "node", "reputation", "gets work", "reports", "done/s"],
+            _table(["group", "models", "source", "node", "in DHT", "reputation", "gets work", "reports", "done/s"],
                    node_rows) if node_rows else "(no groups known: no static groups, DHT records or telemetry)"]
     rates = status["rates"]
     out += ["", f"Rates over the last {status['window_s']:.0f}s: {rates['completed_per_s']} completed/s, "

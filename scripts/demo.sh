@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The demo: set-up, then a bootstrap DHT peer, a broker and two nodes that each hold half of
-# the tiny model's blocks (chained over gRPC, found through the DHT), three prompts through
-# `dinet-agent submit`, the answers with their timings, and everything it started stopped again. Uses its own namespace (dinet-demo), so it never touches other
-# deployments' queues on the same RabbitMQ. Safe to run again and again.
+# The demo: set-up, then a bootstrap DHT peer, MetaInf trained on the committed meta-training set, a
+# broker routing with it, and two nodes that each hold half of the tiny model's blocks (chained over
+# gRPC, found through the DHT), three prompts through `dinet-agent submit`, the answers with their
+# timings and the method MetaInf chose, and everything it started stopped again. Uses its own
+# namespace (dinet-demo), so it never touches other deployments' queues on the same RabbitMQ. Safe to
+# run again and again.
 #
 # The tiny model has random weights: its answers are gibberish by design. Point
 # `dinet-node run --model` at a real checkpoint for real text (see README.md).
@@ -66,8 +68,17 @@ for _ in $(seq 1 600); do [[ -s "$RUN_DIR/peers" ]] && break; sleep 0.1; done
 mapfile -t PEERS <"$RUN_DIR/peers"
 echo "DHT: ${PEERS[*]}"
 
-say "starting a broker (namespace $NS, fixed-rule scheduler; live groups read from the DHT)"
-"$BIN/dinet-broker" run --namespace "$NS" --initial-peers "${PEERS[@]}" >"$RUN_DIR/broker.log" 2>&1 &
+# MetaInf learns from the committed methods benchmark (scripts/bench/methods.py): one row per measured
+# (workload, method, hardware profile). Untuned training takes seconds; `dinet-scheduler train` without
+# --no-tune searches the hyper-parameters too (docs/scheduler.md).
+say "training the MetaInf scheduler on the committed meta-training set (docs/data/methods_dataset.csv)"
+HF_HUB_OFFLINE=1 "$BIN/dinet-scheduler" train --dataset "$ROOT/docs/data/methods_dataset.csv" --no-tune \
+  --out "$RUN_DIR/metainf-model" >"$RUN_DIR/train.log" 2>&1 || { cat "$RUN_DIR/train.log" >&2; exit 1; }
+grep -m1 "^trained on" "$RUN_DIR/train.log" || true
+
+say "starting a broker (namespace $NS, MetaInf scheduler; live groups read from the DHT)"
+HF_HUB_OFFLINE=1 "$BIN/dinet-broker" run --namespace "$NS" --initial-peers "${PEERS[@]}" \
+  --scheduler metainf --scheduler-model "$RUN_DIR/metainf-model" >"$RUN_DIR/broker.log" 2>&1 &
 PIDS+=($!)
 wait_for_log "$RUN_DIR/broker.log" "routing with scheduler" "${PIDS[-1]}" broker
 echo "broker ready (log: $RUN_DIR/broker.log)"

@@ -413,3 +413,20 @@ def test_status_table_is_readable() -> None:
     text = format_status(status)
     for needle in ("unit.requests.high", "unit.group.g1", "n1", "0.250", "NO", "fixed-rule (9)", "Dead letters: 3"):
         assert needle in text, needle
+
+
+def test_status_tells_nodes_that_left_the_dht_from_live_ones() -> None:
+    queue = {"queue": "unit.group.g1", "exists": True, "messages": 0, "consumers": 1}
+    nodes = [{"node_id": "alive", "score": 1.0, "eligible": True, "reports": 3, "live": True},
+             {"node_id": "stopped", "score": 1.0, "eligible": True, "reports": 5, "live": False}]
+    status = {
+        "namespace": "unit", "time": 0.0, "window_s": 60.0, "request_queues": [],
+        "dead_letters": {**queue, "queue": "unit.dead"},
+        "groups": [{"group": "g1", "models": ["tiny"], "source": "dht", "completed_per_s": 0.0, "queue": queue,
+                    "nodes": nodes}],
+        "rates": {"completed_per_s": 0.0, "failed_per_s": 0.0}, "telemetry_reports": 8,
+        "schedulers": [], "reputation_threshold": 0.5,
+    }
+    rows = {line.split()[3]: line.split() for line in format_status(status).splitlines() if line.startswith("g1 ")}
+    assert rows["alive"][4] == "yes"
+    assert rows["stopped"][4] == "gone"
