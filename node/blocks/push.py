@@ -14,7 +14,7 @@ longer than the model has blocks, and :class:`PushPolicy` decides which addresse
 node may connect to at all; the one nodes run with (:class:`SwarmPushPolicy`) only
 allows peers the DHT lists as serving exactly those blocks of the model, so a driver
 cannot point a node at arbitrary hosts. Sessions also refuse a step id they have seen
-(see ``server.py``), which bounds what any cycle could cost anyway.
+(see ``steps.py``), which bounds what any cycle could cost anyway.
 """
 
 from __future__ import annotations
