@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proto.process import START_TIMEOUT_S, fork_dht
 from proto.records import NODES_KEY, HardwareInfo, NodeRecord, RecordError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,20 @@ def records_from_dht_value(value: Any) -> list[NodeRecord]:
 class DhtNodeReader:
     """Reads node records from a hivemind DHT running in its own process."""
 
-    def __init__(self, initial_peers: Sequence[str] = (), *, start_swarm: bool = False) -> None:
+    def __init__(
+        self, initial_peers: Sequence[str] = (), *, start_swarm: bool = False, start_timeout_s: float = START_TIMEOUT_S
+    ) -> None:
+        """Start the DHT process (forked from this one by :func:`proto.process.fork_dht`, as the nodes do).
+
+        The fork keeps the child's garbage collector off this process's objects (garbage gRPC objects of a
+        process that also runs gRPC clients, as in-process tests do, crashed DHT children finalizing them), and
+        a child that dies or hangs at start is an error instead of a broker that waits forever.
+
+        :raises hivemind.p2p.P2PDaemonError: hivemind's own start error, unchanged (unreachable bootstrap
+            peers, a malformed multiaddr).
+        :raises proto.process.DhtStartError: the DHT process died at start without saying why.
+        :raises proto.process.DhtStartTimeout: it was not ready within ``start_timeout_s``; it has been stopped.
+        """
         import hivemind  # heavy import, only when a DHT is used
 
         from proto.dht_schema import make_record_validators
@@ -101,9 +115,14 @@ class DhtNodeReader:
         self.dht = hivemind.DHT(
             initial_peers=list(initial_peers),
             client_mode=False,
-            start=True,
+            start=False,
             record_validators=make_record_validators(),
         )
+        try:
+            fork_dht(self.dht, timeout_s=start_timeout_s)
+        except BaseException:
+            self.dht.shutdown()  # a stuck child would outlive the broker's failed start
+            raise
         if start_swarm or not initial_peers:
             addresses = " ".join(str(a) for a in self.dht.get_visible_maddrs())
             logger.info("DHT peer started; nodes can join with --initial-peers %s", addresses)
