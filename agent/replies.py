@@ -1,0 +1,142 @@
+"""The agent's requests in flight, and every reply matched to its request.
+
+Replies (``TokenChunk`` messages, then one ``InferenceResult``) arrive on the agent's one
+reply queue and are matched to their request by ``request_id``. Delivery upstream is
+at-least-once, so what was seen is dropped: chunks the request already has (a
+redelivered task streams again), and any reply for a request that is over (the ids of
+the last ``AgentConfig.remembered_requests`` finished requests are kept for that).
+Tokens a lost or out-of-order chunk did not bring are handed over from the result.
+
+Every result's signature is checked before it is handed over
+(:func:`proto.result_signing.verify_result`): one that does not verify is refused
+(:func:`agent.results.refusal`), an unsigned one is accepted and marked unsigned, and an
+error result becomes its typed :class:`proto.errors.DinetError`.
+
+Kept apart from :mod:`agent.client` (connection, publishing, public API) so that this
+logic, which decides what the user sees, is plain synchronous code on parsed messages,
+with no channel or connection in it. Acking is the consumer's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+from aio_pika.abc import AbstractIncomingMessage
+from google.protobuf.message import DecodeError
+
+from agent.config import AgentConfig
+from agent.pending import PendingRequest
+from agent.results import Chunk, chunk_from_proto, refusal, result_from_proto
+from proto import errors, messages_pb2
+from proto.result_signing import Verdict, verify_result
+
+logger = logging.getLogger(__name__)
+
+CHUNK_TYPES = frozenset({"TokenChunk", messages_pb2.TokenChunk.DESCRIPTOR.full_name})
+CLOSED = object()  # queued to a pending request when the agent closes
+
+
+class Reporter(Protocol):
+    """Hands what the agent saw of a finished request to the outcome reporter (never raises)."""
+
+    def __call__(self, pending: PendingRequest, message: messages_pb2.InferenceResult | None, *,
+                 deadline_passed: bool = ..., now: float | None = ..., verdict: Verdict = ...) -> None: ...
+
+
+class ReplyRouter:
+    """Requests waiting for replies, by id; and the ids of finished ones, to drop their late replies."""
+
+    def __init__(self, config: AgentConfig, report: Reporter) -> None:
+        self.config = config
+        self._report = report
+        self.pending: dict[str, PendingRequest] = {}
+        self._finished: dict[str, None] = {}  # insertion-ordered set of finished request ids
+        self.duplicates_dropped = 0
+
+    def register(self, request_id: str) -> PendingRequest:
+        """A new request to wait for; :raises ValueError: for an id this agent used already."""
+        if request_id in self.pending or request_id in self._finished:
+            raise ValueError(f"request id {request_id!r} was already used by this agent")
+        pending = PendingRequest(request_id)
+        self.pending[request_id] = pending
+        return pending
+
+    def forget(self, request_id: str) -> None:
+        """The request is over (answered, failed or given up): later replies for it are duplicates."""
+        self.pending.pop(request_id, None)
+        self._finished[request_id] = None
+        while len(self._finished) > self.config.remembered_requests:
+            self._finished.pop(next(iter(self._finished)))
+
+    def cancel_all(self) -> None:
+        """The agent is closing: every request still waiting ends (with :data:`CLOSED`)."""
+        for pending in self.pending.values():
+            pending.items.put_nowait(CLOSED)
+        self.pending.clear()
+
+    def dispatch(self, message: AbstractIncomingMessage) -> None:
+        """Parse one reply and hand it to its request; an unparsable or duplicate one is dropped."""
+        is_chunk = message.type in CHUNK_TYPES
+        try:
+            parsed: Any = (messages_pb2.TokenChunk if is_chunk else messages_pb2.InferenceResult).FromString(
+                message.body
+            )
+        except DecodeError:
+            logger.warning("dropping an unparsable reply (type %r, %d bytes)", message.type, len(message.body))
+            return
+        pending = self.pending.get(parsed.request_id)
+        if pending is None:
+            self.duplicates_dropped += 1
+            logger.debug("dropping a reply for finished or unknown request %s", parsed.request_id)
+            return
+        if is_chunk:
+            self._on_chunk(pending, parsed)
+        else:
+            self._on_result(pending, parsed)
+
+    def _on_chunk(self, pending: PendingRequest, message: messages_pb2.TokenChunk) -> None:
+        end = message.index + len(message.token_ids)
+        if end <= pending.next_index or message.index > pending.next_index:
+            # seen already (a redelivered task streams again), or a gap that the result will fill
+            self.duplicates_dropped += end <= pending.next_index
+            return
+        skip = pending.next_index - message.index
+        chunk = chunk_from_proto(message)
+        if skip:  # partly seen: keep only the new tokens; their text cannot be split off the chunk's
+            chunk = Chunk(chunk.request_id, pending.next_index, chunk.token_ids[skip:], "", chunk.node_id)
+        if pending.first_token_at is None:
+            pending.first_token_at = time.perf_counter()
+        pending.node_id = pending.node_id or message.node_id
+        pending.next_index = end
+        pending.streamed_text += chunk.text
+        pending.items.put_nowait(chunk)
+
+    def _on_result(self, pending: PendingRequest, message: messages_pb2.InferenceResult) -> None:
+        self.forget(pending.request_id)
+        verdict = verify_result(message)
+        if verdict is Verdict.INVALID:  # a bad answer from whoever sent it: never handed over as the node's
+            logger.warning("refusing the result of request %s: it names node %r but its signature does not verify",
+                           pending.request_id, message.node_id)
+            pending.items.put_nowait(refusal(message))
+            self._report(pending, message, verdict=verdict)
+            return
+        if verdict is Verdict.UNSIGNED:
+            logger.debug("result of request %s from node %r is unsigned", pending.request_id, message.node_id)
+        if not message.ok:
+            pending.items.put_nowait(errors.DinetError.from_proto(message.error))
+            self._report(pending, message, verdict=verdict)
+            return
+        now = time.perf_counter()
+        tail = tuple(message.token_ids[pending.next_index :])
+        if tail:  # tokens the stream did not bring (chunks lost or out of order): hand them over now
+            text = message.text[len(pending.streamed_text) :] if message.text.startswith(pending.streamed_text) else ""
+            pending.items.put_nowait(Chunk(pending.request_id, pending.next_index, tail, text, message.node_id))
+            if pending.first_token_at is None:
+                pending.first_token_at = now
+        submitted = pending.submitted or now
+        first = pending.first_token_at if pending.first_token_at is not None else now
+        pending.items.put_nowait(result_from_proto(message, ttft_s=first - submitted, total_s=now - submitted,
+                                                   signed=verdict is Verdict.VALID))
+        self._report(pending, message, now=now, verdict=verdict)
