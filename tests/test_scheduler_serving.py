@@ -187,23 +187,23 @@ def test_single_request_memo_key_is_the_bins_of_the_float32_task_block(trained: 
     """The broker keys one request's prediction from Python floats (no numpy); it must be the key the
     array path (float32 task block -> cross_task_values -> bins) gives, thresholds and rounding included."""
     policy = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
-    plan = policy._plan(candidates(4))
+    plan = policy.pairs.plan(candidates(4))
     scorer = plan.scorer
     assert scorer is not None
     space = trained.space
     for request in _edge_requests(scorer, 600, seed=11):
-        block = policy._task_block(request)[None]
+        block = policy.pairs.task_block(request)[None]
         expected = scorer._bins(block, space.cross_task_values(block))[0]
-        assert scorer.key(policy._task_values(request)) == expected, request
+        assert scorer.key(policy.pairs.task_values(request)) == expected, request
 
 
 def test_one_request_miss_computes_the_batched_sums(trained: MetaPredictor) -> None:
     """A memo miss of one request takes a shorter numpy path; its sums equal the batched path's bit for bit
     (and, through the leaf-mask test above, the trees')."""
     policy = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
-    scorer = policy._plan(candidates(4)).scorer
+    scorer = policy.pairs.plan(candidates(4)).scorer
     assert scorer is not None
-    keys = [scorer.key(policy._task_values(r)) for r in _edge_requests(scorer, 200, seed=12)]
+    keys = [scorer.key(policy.pairs.task_values(r)) for r in _edge_requests(scorer, 200, seed=12)]
     batched = scorer._compute(*scorer._rows(np.array(keys, np.intp)))
     one = np.concatenate([scorer._compute_one(key) for key in keys])
     np.testing.assert_array_equal(one, batched)
@@ -214,7 +214,7 @@ def test_selections_do_not_depend_on_what_the_memo_holds(trained: MetaPredictor)
     groups = candidates(4)
     cold = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
     warm = MetaInfPolicy(trained, SelectionConfig(epsilon=0.0), seed=0)
-    scorer = cold._plan(groups).scorer
+    scorer = cold.pairs.plan(groups).scorer
     assert scorer is not None
     requests = _edge_requests(scorer, 120, seed=13)
     window = warm.select_many([(r, groups) for r in requests])  # misses computed together
