@@ -92,7 +92,7 @@ def test_retrain_by_time_and_close_stops_the_thread(tmp_path: Path) -> None:
         assert learner.status()["rows_since_train"] == 0
     finally:
         learner.close(timeout=30)
-    assert learner._thread is not None and not learner._thread.is_alive()
+    assert learner.retrainer.thread is not None and not learner.retrainer.thread.is_alive()
 
 
 def test_too_few_rows_keeps_expert_rules(tmp_path: Path) -> None:
@@ -110,9 +110,9 @@ def test_close_cancels_a_running_training(tmp_path: Path) -> None:
     feed(learner, 20, {"baseline": 20.0, "spec_ngram": 60.0})
     learner.request_retrain()
     deadline = time.monotonic() + 60
-    while learner._proc is None and time.monotonic() < deadline:
+    while learner.retrainer.proc is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc = learner._proc
+    proc = learner.retrainer.proc
     assert proc is not None and learner.status()["training"]
     started = time.monotonic()
     learner.close(timeout=30)
