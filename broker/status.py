@@ -87,7 +87,8 @@ async def collect_status(
     reputation: ReputationConfig | None = None,
     window_s: float = 60.0,
 ) -> dict[str, Any]:
-    ledger = ReputationLedger(reputation)
+    # the owners of the nodes' DHT records decide who may sign for a node, as in the brokers' ledgers
+    ledger = ReputationLedger(reputation, owner_key=directory.owner_key if directory is not None else None)
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         recorder = await replay_telemetry(connection, topology, ledger)

@@ -1,0 +1,140 @@
+"""End to end: a broker credits a node only with answers signed by the key that owns its DHT record.
+
+Every part is real: a bootstrap DHT peer and two ``dinet-node run`` processes (the tiny model, blocks
+served over gRPC, records announced and signed in the hivemind DHT), RabbitMQ, the agent, and a broker
+whose directory reads the live DHT (:class:`broker.service.BrokerService`, run in the test's process
+only so its ledger and DHT view can be read directly; it starts its own DHT peer as ``dinet-broker run``
+does).
+
+The impostor is what the code lets any operator run: ``dinet-node run --node-id <victim's peer id>``.
+It joins the DHT under its own key and announces its own group (``imp``, model ``tiny-imp``), so the
+broker routes ``tiny-imp`` requests to it, and it answers every task in the victim's name. Since its
+node id is not its DHT peer id it signs with a key from its state directory (node/daemon.py); a node
+patched to sign with its DHT key would be caught by the same check, since that key owns only its own
+record. Its answers are validly signed (the agent accepts them), so what stops them is the broker's
+check that the signer owns the named node's DHT record. The impostor answers first, so a broker that
+trusted the first key seen for a node id (the fallback with no record in view) would credit it and
+then refuse the victim: the test shows that the DHT owner decides instead. Only successes are
+simulated (the tiny model does not fail on demand); a failure in the victim's name goes through the
+same check (tests/test_broker_result_attribution.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import Agent
+from agent.results import GenerationResult
+from broker.config import BrokerConfig
+from broker.service import BrokerService
+from broker.status import collect_status
+from proto import errors
+from proto.topology import Topology
+from tests.test_e2e_swarm import Role
+
+NOT_OWNER = "signer does not own the named node's DHT record"
+READY = re.compile(r"node (\S+) ready: model")
+
+
+def _node(name: str, peers: list[str], tmp_path: Path, env: dict[str, str], topology: Topology, model: Path,
+          *extra: str) -> Role:
+    return Role(name, ["node", "run", "--model", str(model), "--group", name, "--namespace", topology.namespace,
+                       "--initial-peers", *peers, "--state-dir", str(tmp_path / f"state-{name}"), "--threads", "1",
+                       *extra], tmp_path, env)
+
+
+@pytest.fixture
+def dht_nodes(amqp_url: str, topology: Topology, tiny_model_path: Path,
+              tmp_path: Path) -> Iterator[tuple[list[str], str]]:
+    """Bootstrap DHT peer, the victim node (group ``victim``, model ``tiny``) and an impostor node (group ``imp``,
+    model ``tiny-imp``) started with the victim's peer id as its node id; yields (DHT peers, victim's id)."""
+    env = {**os.environ, "DINET_AMQP_URL": amqp_url}
+    roles: list[Role] = []
+    try:
+        peers_file = tmp_path / "peers"
+        dht = Role("dht", ["node", "dht", "--maddrs-file", str(peers_file)], tmp_path, env)
+        roles.append(dht)
+        deadline = time.monotonic() + 60
+        while not (peers_file.exists() and peers_file.read_text().strip()):
+            if dht.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("bootstrap DHT peer did not start:\n" + dht.text())
+            time.sleep(0.1)
+        peers = peers_file.read_text().split()
+        victim = _node("victim", peers, tmp_path, env, topology, tiny_model_path, "--model-name", "tiny")
+        roles.append(victim)
+        victim.wait_for("ready: model")
+        match = READY.search(victim.text())
+        assert match is not None
+        victim_id = match.group(1)
+        assert victim_id.startswith("12D3Koo"), victim_id  # a node in the DHT answers under its peer id
+        impostor = _node("imp", peers, tmp_path, env, topology, tiny_model_path, "--model-name", "tiny-imp",
+                         "--node-id", victim_id)
+        roles.append(impostor)
+        impostor.wait_for(f"node {victim_id} ready: model")
+        yield peers, victim_id
+    finally:
+        for role in reversed(roles):
+            role.stop()
+
+
+async def _wait(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _complete(agent: Agent, model: str) -> GenerationResult:
+    deadline = time.monotonic() + 30
+    while True:  # the broker learns the group from its next DHT refresh
+        try:
+            return await agent.complete(model=model, prompt="who answered?", max_new_tokens=4, timeout=60)
+        except errors.UnknownModelError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
+    dht_nodes: tuple[list[str], str], amqp_url: str, topology: Topology
+) -> None:
+    peers, victim_id = dht_nodes
+    config = BrokerConfig(amqp_url=amqp_url, namespace=topology.namespace, initial_peers=tuple(peers),
+                          directory_ttl_s=1.0)
+    async with BrokerService(config) as service, Agent(amqp_url, namespace=topology.namespace) as agent:
+        ledger, directory = service.ledger, service.directory
+        await _wait(lambda: directory.owner_key(victim_id) is not None and directory.groups_for("tiny-imp"),
+                    "the broker's DHT view of both nodes")
+        owner = directory.owner_key(victim_id)
+        (imp_group,) = directory.groups_for("tiny-imp")
+        assert victim_id not in imp_group.nodes  # in the DHT the impostor is a peer of its own, under its own key
+
+        for _ in range(3):  # the impostor answers in the victim's name, first
+            forged = await _complete(agent, "tiny-imp")
+            assert (forged.node_id, forged.group) == (victim_id, "imp")
+            assert forged.signed and forged.signer_key != owner  # a valid signature, by a key that is not the owner's
+        await _wait(lambda: ledger.ignored[NOT_OWNER] == 3, "the impostor's outcomes to be judged")
+        assert ledger.table(time.time()) == [] and ledger.observed == 0
+        assert ledger.score(victim_id, time.time()) == ledger.config.prior
+
+        for _ in range(2):  # the victim's own answers count, though another key came first under its id
+            honest = await _complete(agent, "tiny")
+            assert (honest.node_id, honest.group, honest.signer_key) == (victim_id, "victim", owner)
+        await _wait(lambda: ledger.observed == 2, "the victim's outcomes to be credited")
+        (row,) = ledger.table(time.time())
+        assert (row.node_id, row.group, row.reports, row.failures) == (victim_id, "victim", 2, 0.0)
+        assert row.successes > 1.9 and ledger.ignored[NOT_OWNER] == 3
+
+        # `dinet-broker status` replays the same stream with a DHT view and must show the same table
+        status = await collect_status(amqp_url, topology, directory=directory)
+        assert status["outcomes"]["judged"] == 2 and status["outcomes"]["ignored"].get(NOT_OWNER) == 3
+        (group,) = [g for g in status["groups"] if g["group"] == "victim"]
+        assert [(n["node_id"], n["reports"], n["live"]) for n in group["nodes"]] == [(victim_id, 2, True)]
