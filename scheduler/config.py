@@ -31,7 +31,7 @@ class PredictorConfig:
     target: str = "absolute"
     level_rounds: int = 60
     cross_features: bool = True  # products of binary method flags with task meta-features (see FeatureSpace)
-    # a text column is embedded only if it tells apart rows that its numeric block does not (see _text_redundant)
+    # a text column is embedded only if it tells apart rows its numeric block does not (feature_frames._text_redundant)
     text_if_redundant: bool = False
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Telemetry ingestion: the meta-training set as append-only JSON-line chunks, deduplicated by request id.
 
-Kept apart from the retraining side (:mod:`scheduler.online`) because it is the
+Kept apart from the online learner (:mod:`scheduler.online`, retraining in :mod:`scheduler.retrainer`) because it is the
 part every TimingReport goes through: it must be cheap (one row conversion and one
 line written under a lock), idempotent (replaying the telemetry stream from its
 start after a restart adds nothing: rows are keyed by ``request_id``) and durable
