@@ -194,10 +194,16 @@ def _last_error(ledger: LedgerView, node_id: str, now: float) -> str:
 
 
 class ReputationWatch:
-    """Replays ``<ns>.telemetry`` from its start into a :class:`ReputationLedger`, read-only, as brokers do."""
+    """Replays ``<ns>.telemetry`` from its start into a :class:`ReputationLedger`, read-only, as brokers do.
 
-    def __init__(self, topology: Topology, config: ReputationConfig, *, prefetch: int = 256) -> None:
-        self.ledger = ReputationLedger(check_reputation_config(config))
+    :param owner_key: node id -> the key that alone may sign for it, ``None`` when unknown (the node passes its
+        own id and key: without it, whoever signed first in its name would own its score, as brokers with no
+        DHT record in view assume).
+    """
+
+    def __init__(self, topology: Topology, config: ReputationConfig, *, prefetch: int = 256,
+                 owner_key: Callable[[str], bytes | None] | None = None) -> None:
+        self.ledger = ReputationLedger(check_reputation_config(config), owner_key=owner_key)
         self.consumer = TelemetryConsumer(topology, self.ledger, prefetch=prefetch)
         self._channel: AbstractChannel | None = None
 

@@ -79,9 +79,10 @@ class TaskWorker:
         self._watch: ReputationWatch | None = None
         self._fence: ReputationFence | None = None
         self._fence_task: asyncio.Task[None] | None = None
+        self._signer = signer or ResultSigner.process_wide()
         self._answerer = TaskAnswerer(config, topology=self.topology, stats=self.stats, engine=engine,
                                       tokenizer=tokenizer, remember_answered=self._remember_answered,
-                                      signer=signer or ResultSigner.process_wide())
+                                      signer=self._signer)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, connection: AbstractRobustConnection) -> None:
@@ -110,7 +111,9 @@ class TaskWorker:
     async def _start_fence(self, connection: AbstractRobustConnection) -> None:
         """Rebuild the brokers' reputation table, judge this node once, then keep re-checking."""
         cfg = self.config
-        self._watch = ReputationWatch(self.topology, cfg.reputation)
+        own_key = self._signer.public_key  # only answers signed with it are this node's (an impostor's are not)
+        self._watch = ReputationWatch(self.topology, cfg.reputation,
+                                      owner_key=lambda node_id: own_key if node_id == cfg.node_id else None)
         await self._watch.start(connection, catch_up_s=cfg.fence_catch_up_s)
         self._fence = ReputationFence(
             cfg.node_id, self._watch.ledger, threshold=cfg.reputation.threshold,

@@ -15,6 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from hivemind.utils.crypto import RSAPrivateKey
 
 from agent.client import Agent
 from broker.config import BrokerConfig, ReputationConfig
@@ -49,10 +50,12 @@ async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
     await conn.close()
 
 
-async def sink(connection: AbstractRobustConnection, topology: Topology, node_id: str, *, failures: int) -> float:
+async def sink(connection: AbstractRobustConnection, topology: Topology, node_id: str, *, failures: int,
+               signer: ResultSigner | None = None) -> float:
     """Publish ``failures`` requests that ``node_id`` answered with NODE_FAILURE, as broker and agent record
-    them (signed with the key the test's workers sign with, as the node's own answers would be); returns
-    their event time (the node stays below 0.5 for log2(failures / 2) half-lives after it)."""
+    them (signed with ``signer``, by default the key the test's workers sign with, as the node's own answers
+    would be); returns their event time (the node stays below 0.5 for log2(failures / 2) half-lives after it)."""
+    signer = signer or ResultSigner.process_wide()
     channel = await connection.channel(publisher_confirms=True)
     at = time.time()
     try:
@@ -66,9 +69,9 @@ async def sink(connection: AbstractRobustConnection, topology: Topology, node_id
             outcome = messages_pb2.OutcomeReport(
                 request_id=rid, node_id=node_id, group=GROUP, answered=True, ok=False,
                 error_code=ErrorCode.NODE_FAILURE, agent_id="judge", ttft_s=0.0, total_s=0.5, observed_at=at,
-                answer_digest=answer_digest((), "", "error"), signer_key=ResultSigner.process_wide().public_key,
+                answer_digest=answer_digest((), "", "error"), signer_key=signer.public_key,
             )
-            outcome.signature = ResultSigner.process_wide().sign_fields(
+            outcome.signature = signer.sign_fields(
                 request_id=rid, node_id=node_id, group=GROUP, ok=False, error_code=ErrorCode.NODE_FAILURE,
                 digest=outcome.answer_digest)
             for kind, message in ((ROUTING_RECORD, record), (OUTCOME_REPORT, outcome)):
@@ -238,3 +241,18 @@ async def test_a_node_started_below_the_threshold_takes_no_task_before_its_first
         assert queue.declaration_result.message_count == 1
         await channel.close()
         assert worker.stats.requeued == 0
+
+
+async def test_failures_signed_by_another_key_in_a_nodes_name_do_not_fence_it(
+    connection, topology, tiny_engine, tiny_tokenizer  # noqa: F811
+) -> None:
+    """A node knows its own key: an impostor's failures published first under its id (signed, but not by it)
+    neither fence it nor make its own answers count as another key's (brokers check the DHT owner instead)."""
+    await sink(connection, topology, "node-a", failures=FAILURES, signer=ResultSigner(RSAPrivateKey()))
+    async with running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
+                              reputation=ReputationConfig(half_life_s=60.0), fence_check_s=CHECK_S) as worker:
+        assert not worker.fenced
+    await sink(connection, topology, "node-a", failures=FAILURES)  # its own failures still fence it
+    async with running_worker(connection, topology, tiny_engine, tiny_tokenizer, node_id="node-a",
+                              reputation=ReputationConfig(half_life_s=60.0), fence_check_s=CHECK_S) as worker:
+        assert worker.fenced
