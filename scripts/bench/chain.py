@@ -13,7 +13,10 @@ Measures, on one prompt:
 
 Decode speed is tokens/s after the first token (prefill excluded, reported apart).
 ``hop_overhead_ms`` = (chain3 per-token time - local per-token time) / 3: what one hop adds
-per token (default star mode; ``hop_overhead_ms_push`` for push mode). The driver's own compute
+per token (default star mode; ``hop_overhead_ms_push`` for push mode). ``hop_floor_ms`` is what a hop
+costs on this host with no network stack at all (scripts/bench/hop_floor.py: the same 3 spans in worker
+processes handing hidden states over OS pipes, measured right after, unless ``--no-floor``), so
+``hop_overhead_ms - hop_floor_ms`` is roughly what gRPC and our code add. The driver's own compute
 (embedding, LM head) runs with ``--driver-threads`` torch threads, like ``local``.
 The last line is a JSON object.
 
@@ -45,6 +48,9 @@ from node.blocks.dht import SwarmDHT  # noqa: E402
 from node.blocks.kv_cache import SessionCache  # noqa: E402
 from node.blocks.loader import load_blocks, load_config, load_driver_parts  # noqa: E402
 from node.engine import GenerationRequest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hop_floor import measure_floor  # noqa: E402
 
 
 def decode_rate(stamps: list[float], start: float) -> tuple[float, float]:
@@ -213,6 +219,8 @@ def main() -> int:
     parser.add_argument("--server-threads", type=int, default=1,
                         help="torch threads per block server, and for the local baseline (default 1: on a 2-core "
                         "host, 2-3 servers with 2 threads each only fight over the cores)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the pipe floor measurement (scripts/bench/hop_floor.py) after the chains")
     parser.add_argument("--driver-threads", type=int, default=1,
                         help="torch threads of the chain driver's embedding and LM head (default 1, like local)")
     args = parser.parse_args()
@@ -224,6 +232,7 @@ def main() -> int:
     prompt = [100 + (i * 37) % 4000 for i in range(args.prompt_tokens)]
     load_before = os.getloadavg()[0]
     results = asyncio.run(run_all(model_dir, prompt, new, rounds, args.server_threads, args.driver_threads))
+    floor = None if args.no_floor else measure_floor(model_dir, hops=3, steps=new, rounds=2 * rounds + 1)
     rate = {name: statistics.median(r[2] for r in runs) for name, runs in results.items()}
     prefill = {name: round(statistics.median(r[1] for r in runs) * 1000, 1) for name, runs in results.items()}
     tokens = {name: runs[0][0] for name, runs in results.items()}
@@ -248,6 +257,7 @@ def main() -> int:
         "hop_overhead_ms_chain2_push": round((per_token["chain2_push"] - per_token["local"]) / 2, 3),
         "prefill_ms": prefill,
         "identical_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+        "hop_floor_ms": floor["pipe_hop_overhead_ms"] if floor else None,
         "hop_overhead_ms": round((per_token["chain3"] - per_token["local"]) / 3, 3),
         "single_threads": torch.get_num_threads(),
         "server_threads": args.server_threads,

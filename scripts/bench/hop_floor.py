@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,6 +81,69 @@ def serve(model_dir: Path, start: int, end: int, hidden_size: int, max_length: i
         os.write(1, steps.step(hidden).numpy().tobytes())
 
 
+def measure_floor(model_dir: Path, *, hops: int, steps: int, rounds: int) -> dict[str, float]:
+    """Medians of ms per decode step for ``local`` (one hot process) and ``pipes`` (``hops`` workers), interleaved.
+
+    Leaves this process's torch thread count as it found it (the workers get 1 thread, like chain.py's servers).
+    """
+    config = load_config(model_dir)
+    hidden_size, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    if not 1 <= hops <= layers:
+        raise ValueError(f"hops must be in 1..{layers}")
+    bounds = [layers * i // hops for i in range(hops + 1)]
+    workers = [
+        subprocess.Popen([sys.executable, __file__, "--model", str(model_dir), "--steps", str(steps),
+                          "--serve", str(a), str(b)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for a, b in itertools.pairwise(bounds)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipes = [(w.stdin.fileno(), w.stdout.fileno()) for w in workers if w.stdin and w.stdout]
+        for _, out in pipes:
+            if read_exactly(out, 1) != READY:
+                raise RuntimeError("a worker did not start")
+        local = Steps(model_dir, 0, layers, steps + 8)
+        hidden = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
+        size = hidden_size * 4
+
+        def through_pipes() -> None:
+            x = hidden
+            for into, out in pipes:
+                os.write(into, x.numpy().tobytes())
+                x = torch.frombuffer(bytearray(read_exactly(out, size)), dtype=torch.float32).reshape(1, 1, -1)
+
+        def on_local() -> None:
+            local.step(hidden)
+
+        def timed(step: Callable[[], None]) -> float:
+            begin = time.perf_counter()
+            for _ in range(steps):
+                step()
+            return (time.perf_counter() - begin) / steps * 1000.0
+
+        results: dict[str, list[float]] = {"local": [], "pipes": []}
+        timed(through_pipes)  # warm-up
+        timed(on_local)
+        for _ in range(rounds):  # interleaved, so both see the same machine
+            results["pipes"].append(timed(through_pipes))
+            results["local"].append(timed(on_local))
+    finally:
+        torch.set_num_threads(threads)
+        for worker in workers:
+            if worker.stdin:
+                worker.stdin.close()
+        for worker in workers:
+            worker.wait(timeout=30)
+    local_ms, pipes_ms = (statistics.median(results[k]) for k in ("local", "pipes"))
+    print(f"hop floor: local {local_ms:.2f} ms/step | {hops} hops over pipes {pipes_ms:.2f} ms/step | per round: "
+          f"local {[round(v, 1) for v in results['local']]} pipes {[round(v, 1) for v in results['pipes']]}",
+          file=sys.stderr)
+    return {"local_ms_per_step": round(local_ms, 3), "pipes_ms_per_step": round(pipes_ms, 3),
+            "pipe_hop_overhead_ms": round((pipes_ms - local_ms) / hops, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / ".cache" / "models" / "small"))
@@ -92,64 +156,20 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         print(f"build the model first: dinet-node make-model {model_dir} --preset small", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
-    config = load_config(model_dir)
-    hidden_size, layers = int(config.hidden_size), int(config.num_hidden_layers)
-    max_length = args.steps + 8
     if args.serve:
-        serve(model_dir, args.serve[0], args.serve[1], hidden_size, max_length)
+        torch.set_num_threads(1)
+        config = load_config(model_dir)
+        serve(model_dir, args.serve[0], args.serve[1], int(config.hidden_size), args.steps + 8)
         return 0
-    if not 1 <= args.hops <= layers:
-        parser.error(f"--hops must be in 1..{layers}")
-    bounds = [layers * i // args.hops for i in range(args.hops + 1)]
-    workers = [
-        subprocess.Popen([sys.executable, __file__, "--model", str(model_dir), "--steps", str(args.steps),
-                          "--serve", str(a), str(b)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for a, b in itertools.pairwise(bounds)
-    ]
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
     load_before = os.getloadavg()[0]
     try:
-        pipes = [(w.stdin.fileno(), w.stdout.fileno()) for w in workers if w.stdin and w.stdout]
-        for _, out in pipes:
-            if read_exactly(out, 1) != READY:
-                raise RuntimeError("a worker did not start")
-        local = Steps(model_dir, 0, layers, max_length)
-        hidden = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
-        size = hidden_size * 4
-
-        def through_pipes() -> None:
-            x = hidden
-            for into, out in pipes:
-                os.write(into, x.numpy().tobytes())
-                x = torch.frombuffer(bytearray(read_exactly(out, size)), dtype=torch.float32).reshape(1, 1, -1)
-
-        def timed(step: object) -> float:
-            begin = time.perf_counter()
-            for _ in range(args.steps):
-                step()  # type: ignore[operator]
-            return (time.perf_counter() - begin) / args.steps * 1000.0
-
-        results: dict[str, list[float]] = {"local": [], "pipes": []}
-        timed(through_pipes)  # warm-up
-        timed(lambda: local.step(hidden))
-        for _ in range(args.rounds):  # interleaved, so both see the same machine
-            results["pipes"].append(timed(through_pipes))
-            results["local"].append(timed(lambda: local.step(hidden)))
-    finally:
-        for worker in workers:
-            if worker.stdin:
-                worker.stdin.close()
-        for worker in workers:
-            worker.wait(timeout=30)
-    local_ms, pipes_ms = (statistics.median(results[k]) for k in ("local", "pipes"))
-    print(f"local {local_ms:.2f} ms/step | {args.hops} hops over pipes {pipes_ms:.2f} ms/step | per round: "
-          f"local {[round(v, 1) for v in results['local']]} pipes {[round(v, 1) for v in results['pipes']]}",
-          file=sys.stderr)
+        floor = measure_floor(model_dir, hops=args.hops, steps=args.steps, rounds=args.rounds)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(json.dumps({
-        "model": model_dir.name, "hops": args.hops, "steps": args.steps, "rounds": args.rounds,
-        "local_ms_per_step": round(local_ms, 3), "pipes_ms_per_step": round(pipes_ms, 3),
-        "pipe_hop_overhead_ms": round((pipes_ms - local_ms) / args.hops, 3),
+        "model": model_dir.name, "hops": args.hops, "steps": args.steps, "rounds": args.rounds, **floor,
         "cpus": os.cpu_count(), "loadavg_before": round(load_before, 2),
         "loadavg_after": round(os.getloadavg()[0], 2),
     }))
