@@ -17,6 +17,9 @@ Greedy output is token-identical to the baseline for every lossless method. Plai
 and chunked prefill work over them too; batching and prefix reuse need accelerated servers.
 When a hop fails, the session moves to a new route (``route``), the committed tokens are replayed
 to rebuild the caches, and the step is retried: bounded by ``max_restarts``.
+
+Opening a session (channels, batch links, asking the hops for their prefix) is
+:mod:`node.accel.chain_opener`'s; the sessions themselves are :mod:`node.accel.chain_session`'s.
 """
 
 from __future__ import annotations
@@ -27,16 +30,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from node.accel.batch_link import BatchLink, StepGate
 from node.accel.batching import plan_chunks
+from node.accel.chain_opener import ChainOpener, RouteFn, StubFn, check_cover
 from node.accel.chain_session import ChainSession, Head, Hop, HopError, LogitsBatcher, SwarmTokenError
 from node.accel.prefix_cache import prefix_block_hashes
-from node.accel.server import MD_METHOD, MD_PREFIX_BLOCK, MD_PREFIX_HASHES, MD_PREFIX_HIT
 from node.accel.speculative import Drafter, DraftLength, NgramDrafter, verify_greedy
-from node.blocks.access import PeerChannels, SwarmAccess
+from node.blocks.access import SwarmAccess
 from node.blocks.auth import swarm_token_from_env
 from node.blocks.tls import TlsConfig
 from node.engine import GenerationRequest
@@ -47,9 +49,6 @@ from proto.methods import AccelerationMethod, get_method
 __all__ = ["AccelChain", "Hop", "HopError", "SwarmTokenError"]
 
 logger = logging.getLogger(__name__)
-
-RouteFn = Callable[[], Awaitable[list[Hop]]]
-StubFn = Callable[[str], blocks_pb2_grpc.BlockServiceStub]
 
 
 @dataclass
@@ -97,7 +96,7 @@ class AccelChain:
         self.head = head
         self.num_layers = head.num_layers
         if hops is not None:
-            self._check_cover(list(hops))
+            check_cover(list(hops), self.num_layers)
             fixed = list(hops)
 
             async def fixed_route() -> list[Hop]:
@@ -106,108 +105,50 @@ class AccelChain:
             route = fixed_route
         self.route: RouteFn = route  # type: ignore[assignment]
         self.on_hop_failure = on_hop_failure
-        self.prefix_block_tokens = prefix_block_tokens
         self.draft_drafter = draft_drafter  # builds a fresh draft-model drafter per request, if configured
         self.max_restarts = max_restarts
-        self.step_timeout_s = step_timeout_s
-        self.prefix_answer_s = prefix_answer_s  # how long a hop may take to say which prefix it holds
-        self._stub_for = stub_for
         # the channels this driver opens itself (without stub_for): TLS and the token as every member's
         self.access = SwarmAccess(swarm_token=swarm_token_from_env() if swarm_token is None else swarm_token, tls=tls)
         self.tls = tls
-        self._peers = PeerChannels(self.access, [("grpc.max_send_message_length", max_message_bytes),
-                                                 ("grpc.max_receive_message_length", max_message_bytes)])
         self._logits = LogitsBatcher(head, window_s=0.003)
         self._draft_pool: ThreadPoolExecutor | None = None  # draft-model forwards run here, off the event loop
-        # continuous batching: one InferenceBatch stream per hop carries all sessions' steps (batch_link.py)
-        self.batched_steps = batched_steps
-        if pipeline_groups < 0:
-            raise ValueError("pipeline_groups must be >= 0 (0 = one group per hop)")
-        self.pipeline_groups = pipeline_groups  # groups a hop's batched sessions are split into; 0 = one per hop
-        self._gate = StepGate()
-        self._links: dict[Hop, BatchLink] = {}
+        # channels, batch links and opening sessions on the route (chain_opener.py)
+        self.opener = ChainOpener(
+            model_name=model_name, num_layers=self.num_layers, route=self.route, logits=self._logits,
+            access=self.access, stub_for=stub_for, max_message_bytes=max_message_bytes,
+            prefix_block_tokens=prefix_block_tokens, prefix_answer_s=prefix_answer_s,
+            step_timeout_s=step_timeout_s, batched_steps=batched_steps, pipeline_groups=pipeline_groups)
+        self._gate = self.opener.gate  # the same object for the driver's life: read per token by _gate_of
 
-    def _check_cover(self, hops: list[Hop]) -> None:
-        expected = 0
-        for hop in hops:
-            if hop.start != expected:
-                raise ValueError(f"hops must cover blocks 0:{self.num_layers} in order; gap or overlap at {expected}")
-            expected = hop.end
-        if expected != self.num_layers:
-            raise ValueError(f"hops end at block {expected}, the model has {self.num_layers}")
+    @property
+    def _links(self) -> dict[Hop, BatchLink]:
+        """The opener's batch links by hop (tests look at them)."""
+        return self.opener.links
 
     def _stub(self, address: str) -> blocks_pb2_grpc.BlockServiceStub:
-        return self._stub_for(address) if self._stub_for is not None else self._peers.stub(address)
-
-    def _link(self, hop: Hop) -> BatchLink:
-        link = self._links.get(hop)
-        if link is None:
-            stub = self._stub(hop.address)
-            link = BatchLink(hop, stub.InferenceBatch, self._gate, timeout_s=self.step_timeout_s)
-            self._links[hop] = link
-        return link
+        """A stub for ``address`` on this driver's channels (scripts/bench/methods.py asks hops for their load)."""
+        return self.opener.stub(address)
 
     async def close(self) -> None:
-        links, self._links = list(self._links.values()), {}
-        self._gate.links.clear()
-        for link in links:
-            await link.close()
+        await self.opener.close_links()
         if self._draft_pool is not None:
             self._draft_pool.shutdown(wait=False, cancel_futures=True)
             self._draft_pool = None
-        await self._peers.close()
-
-    async def _open(self, method: AccelerationMethod, hashes: list[str], max_length: int) -> tuple[ChainSession, int]:
-        """Open a session on the current route; returns it and the prefix length every hop holds."""
-        hops = await self.route()
-        self._check_cover(hops)
-        metadata: list[tuple[str, str]] = [(MD_METHOD, method.name)]
-        if hashes:
-            metadata += [(MD_PREFIX_BLOCK, str(self.prefix_block_tokens)), (MD_PREFIX_HASHES, ",".join(hashes))]
-        links: list[tuple[BatchLink, int] | None] = [None] * len(hops)
-        if self.batched_steps and method.continuous_batching and not hashes:
-            self._gate.depth = self.pipeline_groups or len(hops)
-            for i, hop in enumerate(hops):
-                link = self._link(hop)
-                if not link.unsupported:  # a plain block server: per-session stream below
-                    links[i] = (link, link.ensure_open())
-        calls = [
-            None if link is not None else self._stub(hop.address).Inference(metadata=tuple(metadata))
-            for hop, link in zip(hops, links, strict=True)
-        ]
-        hit = len(hashes) * self.prefix_block_tokens
-        for hop, call in zip(hops, calls, strict=True):
-            if not hashes or call is None:  # (batch links carry no prefix hashes)
-                break  # nothing to ask: plain servers send no metadata before their first reply
-            try:
-                answer = dict(await asyncio.wait_for(call.initial_metadata(), self.prefix_answer_s) or ())
-            except TimeoutError:  # a plain block server: it holds no prefixes
-                answer = {}
-            except grpc.aio.AioRpcError as exc:
-                for c in calls:
-                    if c is not None:
-                        c.cancel()
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise SwarmTokenError(hop, exc.details()) from None
-                raise HopError(hop, f"{exc.code().name}: {exc.details()}", retryable=True) from None
-            hit = min(hit, int(str(answer.get(MD_PREFIX_HIT, "0")) or 0))
-        session = ChainSession(self.model_name, hops, calls, max_length, self.step_timeout_s, self._logits,
-                               links=links, gate=self._gate)
-        return session, hit
+        await self.opener.close_channels()
 
     async def _step(self, run: _Run, tokens: list[int], position: int) -> torch.Tensor:
         """One chain pass of ``tokens`` at ``position``, moving to a new route when a hop fails."""
         while True:
             try:
                 if run.session is None:
-                    run.session, _ = await self._open(run.method, [], run.max_length)
+                    run.session, _ = await self.opener.open(run.method, [], run.max_length)
                 if run.needs_replay:  # rebuild the new hops' caches from the committed tokens
                     for s, e in plan_chunks(position, run.method.prefill_chunk):
                         await run.session.step(self.head.embed_tokens(run.committed[s:e]), s)
                     run.needs_replay = False
                 return await run.session.step(self.head.embed_tokens(tokens), position)
             except HopError as exc:
-                link = self._links.get(exc.hop)
+                link = self.opener.links.get(exc.hop)
                 if link is not None and link.unsupported and exc.retryable:  # not a failure: reopen unbatched
                     if run.session is not None:
                         await run.session.close()
@@ -266,8 +207,8 @@ class AccelChain:
                    committed=list(prompt))
         hashes: list[str] = []
         if method.prefix_caching:  # never the whole prompt: its last token must be computed for logits
-            usable = (len(prompt) - 1) // self.prefix_block_tokens
-            hashes = prefix_block_hashes(prompt, self.prefix_block_tokens, max_blocks=usable)
+            usable = (len(prompt) - 1) // self.opener.prefix_block_tokens
+            hashes = prefix_block_hashes(prompt, self.opener.prefix_block_tokens, max_blocks=usable)
         generator = make_generator(request.seed)
 
         def pick(logits: torch.Tensor) -> int:
@@ -277,7 +218,7 @@ class AccelChain:
         try:
             start = 0
             try:
-                run.session, start = await self._open(method, hashes, run.max_length)
+                run.session, start = await self.opener.open(method, hashes, run.max_length)
             except HopError as exc:  # the first route failed before anything was sent: _step moves it
                 if self.on_hop_failure is not None:
                     await self.on_hop_failure(exc.hop)
