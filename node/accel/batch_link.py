@@ -12,6 +12,9 @@ Each session keeps its own ``session_id`` (and KV cache on the hop). A step answ
 fails that session only (:class:`~node.accel.chain_session.HopError`); a broken stream fails the
 steps in flight on it and is reopened by the next step, with a new ``generation`` so that sessions
 whose caches lived on the old stream move to a new route instead of stepping into nothing.
+
+The driver-wide bookkeeping the links share (:class:`StepGate`, :func:`split_groups`) is
+:mod:`node.accel.step_gate`'s; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,83 +25,19 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from node.accel.chain_session import Hop, HopError, SwarmTokenError, status_error
+from node.accel.step_gate import StepGate, split_groups
 from proto import blocks_pb2
+
+__all__ = ["BatchLink", "StepGate", "split_groups"]  # the gate and the grouping live in step_gate.py
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-class StepGate:
-    """Counts a driver's batched sessions and how many of them are waiting (parked) right now.
-
-    When all are parked, no further step can arrive before some reply does, so links flush at once.
-    """
-
-    def __init__(self) -> None:
-        self.open = 0
-        self.parked = 0
-        self.depth = 1  # hops in the chain: how many groups of sessions can be in flight at once
-        self.messages_in_flight = 0  # sent on any link, not answered yet: the groups elsewhere in the chain
-        self.links: list[BatchLink] = []
-        self._scheduled = False
-
-    def session_opened(self) -> None:
-        self.open += 1
-
-    def session_closed(self) -> None:
-        self.open -= 1
-        self.maybe_flush()
-
-    def park(self) -> None:
-        self.parked += 1
-        self.maybe_flush()
-
-    def unpark(self) -> None:
-        self.parked -= 1
-
-    @property
-    def all_parked(self) -> bool:
-        return self.parked >= self.open
-
-    def maybe_flush(self) -> None:
-        if self.all_parked and not self._scheduled and any(link.queued for link in self.links):
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self.all_parked:
-            for link in self.links:
-                link.flush()
-
-
-def split_groups(entries: list[T], sessions: int, depth: int) -> list[list[T]]:
-    """Split a flush of more than one pipeline group's share into groups of at most that share.
-
-    With ``depth`` hops, ``depth`` groups of ``sessions / depth`` sessions keep every hop busy (one
-    group per hop), while one group of all sessions leaves all but one hop idle at any time. The
-    hop runs a stream's messages one after another, so the first group goes on to the next hop
-    while the hop computes the second. A group at its share is never split again, so once split
-    the groups stay apart.
-    """
-    share = max(1, -(-sessions // max(1, depth)))  # ceil
-    if len(entries) <= share:
-        return [entries]
-    count = -(-len(entries) // share)
-    size, extra = divmod(len(entries), count)
-    groups, begin = [], 0
-    for g in range(count):
-        end = begin + size + (1 if g < extra else 0)
-        groups.append(entries[begin:end])
-        begin = end
-    return groups
 
 
 @dataclass

@@ -47,7 +47,7 @@ class Head(Protocol):
 
 
 class Parking(Protocol):
-    """Counts sessions that wait for a reply (:class:`node.accel.batch_link.StepGate`)."""
+    """Counts sessions that wait for a reply (:class:`node.accel.step_gate.StepGate`)."""
 
     def park(self) -> None: ...
 
