@@ -7,10 +7,14 @@ import asyncio
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from proto.errors import DinetError
 from proto.settings import AMQP_URL_ENV, amqp_url_from_env
 from proto.topology import DEFAULT_NAMESPACE, DEFAULT_PRIORITY, PRIORITIES
+
+if TYPE_CHECKING:
+    from agent.results import GenerationResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +86,26 @@ async def _submit_async(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, **result.to_dict()}))
     else:
-        if result.text != streamed and result.text.startswith(streamed):
-            sys.stdout.write(result.text[len(streamed):])
-        print()
-        print(f"-- {result.summary()}")
+        sys.stdout.write(closing_text(result, streamed))
     return 0
+
+
+def closing_text(result: GenerationResult, streamed: str) -> str:
+    """What the terminal gets after the streamed text: the rest of the answer, then the summary line.
+
+    When the stream disagreed with the result, the text already on screen is not the answer and cannot
+    be taken back: a marked line says so, and the whole answer follows it (the exit code stays 0: the
+    result itself is good; ``--json`` carries ``stream_consistent`` for scripts).
+    """
+    if not result.stream_consistent:
+        source = "signed" if result.signed else "unsigned"
+        return (
+            f"\n-- WARNING: the streamed text above is NOT the answer: it left the {source} result at token "
+            f"{result.stream_diverged_at} (a task redelivered to another node, or chunks altered on the way). "
+            f"The answer:\n{result.text}\n-- {result.summary()}\n"
+        )
+    rest = result.text[len(streamed):] if result.text.startswith(streamed) else ""
+    return f"{rest}\n-- {result.summary()}\n"
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ class PendingRequest:
     next_index: int = 0  # tokens received so far (the next chunk should start here)
     node_id: str = ""  # node whose chunks arrived (who answered, when no result comes)
     streamed_text: str = ""
+    streamed_token_ids: list[int] = field(default_factory=list)  # what the caller was handed, in order:
+    #   checked against the signed result, since chunks are not signed (agent.replies.stream_divergence)
 
 
 def observation(

@@ -7,6 +7,15 @@ redelivered task streams again), and any reply for a request that is over (the i
 the last ``AgentConfig.remembered_requests`` finished requests are kept for that).
 Tokens a lost or out-of-order chunk did not bring are handed over from the result.
 
+Chunks are not signed; the result is. So when the result comes, the tokens already
+handed over are checked against its ``token_ids`` (:func:`stream_divergence`). They can
+disagree honestly (a task redelivered to another node after the first died mid-stream,
+sampling unseeded) or not (a chunk altered or forged on the way). Either way the caller
+was shown tokens that are not the answer, and a chunk cannot be taken back: no further
+chunk is handed over, a warning names the request and the first differing token, and
+the result says so (``GenerationResult.stream_consistent`` is False,
+``stream_diverged_at`` the index) while carrying the result's own tokens and text.
+
 Every result's signature is checked before it is handed over
 (:func:`proto.result_signing.verify_result`): one that does not verify is refused
 (:func:`agent.results.refusal`), an unsigned one is accepted and marked unsigned, and an
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -43,6 +53,15 @@ class Reporter(Protocol):
 
     def __call__(self, pending: PendingRequest, message: messages_pb2.InferenceResult | None, *,
                  deadline_passed: bool = ..., now: float | None = ..., verdict: Verdict = ...) -> None: ...
+
+
+def stream_divergence(streamed: Sequence[int], answer: Sequence[int]) -> int | None:
+    """Index of the first streamed token that is not ``answer``'s token at that place; None when the
+    stream is a prefix of the answer (a stream longer than the answer diverges where the answer ends)."""
+    for index, (seen, final) in enumerate(zip(streamed, answer, strict=False)):
+        if seen != final:
+            return index
+    return None if len(streamed) <= len(answer) else len(answer)
 
 
 class ReplyRouter:
@@ -111,6 +130,7 @@ class ReplyRouter:
         pending.node_id = pending.node_id or message.node_id
         pending.next_index = end
         pending.streamed_text += chunk.text
+        pending.streamed_token_ids.extend(chunk.token_ids)
         pending.items.put_nowait(chunk)
 
     def _on_result(self, pending: PendingRequest, message: messages_pb2.InferenceResult) -> None:
@@ -129,7 +149,15 @@ class ReplyRouter:
             self._report(pending, message, verdict=verdict)
             return
         now = time.perf_counter()
-        tail = tuple(message.token_ids[pending.next_index :])
+        diverged_at = stream_divergence(pending.streamed_token_ids, message.token_ids)
+        if diverged_at is not None:
+            logger.warning(
+                "request %s: the streamed tokens disagree with the %s result from token %d on (chunks from node %r, "
+                "result from node %r; a redelivered task resampled, or chunks altered on the way): the result's "
+                "tokens and text are the answer, not what was streamed", pending.request_id,
+                "signed" if verdict is Verdict.VALID else "unsigned", diverged_at, pending.node_id, message.node_id)
+        # after a divergence, the result's tail would continue a stream that is not the answer: none is handed over
+        tail = tuple(message.token_ids[pending.next_index :]) if diverged_at is None else ()
         if tail:  # tokens the stream did not bring (chunks lost or out of order): hand them over now
             text = message.text[len(pending.streamed_text) :] if message.text.startswith(pending.streamed_text) else ""
             pending.items.put_nowait(Chunk(pending.request_id, pending.next_index, tail, text, message.node_id))
@@ -138,5 +166,5 @@ class ReplyRouter:
         submitted = pending.submitted or now
         first = pending.first_token_at if pending.first_token_at is not None else now
         pending.items.put_nowait(result_from_proto(message, ttft_s=first - submitted, total_s=now - submitted,
-                                                   signed=verdict is Verdict.VALID))
+                                                   signed=verdict is Verdict.VALID, stream_diverged_at=diverged_at))
         self._report(pending, message, now=now, verdict=verdict)

@@ -52,10 +52,18 @@ class GenerationResult:
     total_s: float  # at the agent: submission to final result received
     signer_key: bytes = b""  # public key whose signature over this result verified; b"" = the node did not sign
     #   (the agent checks the signature, not who owns the key: brokers check that against the DHT)
+    stream_diverged_at: int | None = None  # first streamed token that is not this result's token there; None =
+    #   the chunks handed over are a prefix of token_ids. Chunks are not signed, so when they disagree (altered
+    #   on the way, or a redelivered task resampled by another node) token_ids and text here are the answer
 
     @property
     def signed(self) -> bool:
         return bool(self.signer_key)
+
+    @property
+    def stream_consistent(self) -> bool:
+        """Whether the streamed chunks agreed with this result (False: what was streamed is not the answer)."""
+        return self.stream_diverged_at is None
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,6 +79,7 @@ class GenerationResult:
             f"(node {self.node_timing.ttft_s * 1000:.0f} ms) | {self.tokens_per_s:.1f} tok/s "
             f"(node {self.node_timing.tokens_per_s:.1f}) | total {self.total_s:.2f} s | "
             f"node {self.node_id} | group {self.group} | method {self.method} | finish {self.finish_reason}"
+            + ("" if self.stream_consistent else f" | STREAM MISMATCH at token {self.stream_diverged_at}")
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -84,6 +93,8 @@ class GenerationResult:
             "group": self.group,
             "method": self.method,
             "signed": self.signed,
+            "stream_consistent": self.stream_consistent,
+            "stream_diverged_at": self.stream_diverged_at,
             "ttft_s": round(self.ttft_s, 6),
             "total_s": round(self.total_s, 6),
             "tokens_per_s": round(self.tokens_per_s, 3),
@@ -118,8 +129,9 @@ def refusal(message: messages_pb2.InferenceResult) -> ResultSignatureError:
 
 
 def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, total_s: float,
-                      signed: bool = False) -> GenerationResult:
-    """``signed``: the caller verified the result's signature (:func:`proto.result_signing.verify_result`)."""
+                      signed: bool = False, stream_diverged_at: int | None = None) -> GenerationResult:
+    """``signed``: the caller verified the result's signature (:func:`proto.result_signing.verify_result`).
+    ``stream_diverged_at``: where the streamed chunks left this result's tokens (None: they did not)."""
     t = message.timing
     return GenerationResult(
         request_id=message.request_id,
@@ -140,4 +152,5 @@ def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, t
         ttft_s=ttft_s,
         total_s=total_s,
         signer_key=message.signer_key if signed else b"",
+        stream_diverged_at=stream_diverged_at,
     )
