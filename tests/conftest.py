@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -83,3 +84,13 @@ def tiny_model_path() -> Path:
 
         build_model(path, "tiny")
     return path
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    """Keep garbage uncollected until a fork (this process's collector would otherwise run at some point)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import hivemind
@@ -49,15 +49,6 @@ def collecting_child(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(hivemind.DHT, "run", collect_then_serve)
 
-
-@pytest.fixture
-def no_automatic_gc() -> Iterator[None]:
-    """Keep garbage uncollected until the fork (this process's collector would otherwise run at some point)."""
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _finalized_in(tmp_path: Path) -> list[int]:

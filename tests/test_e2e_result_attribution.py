@@ -37,7 +37,7 @@ from broker.service import BrokerService
 from broker.status import collect_status
 from proto import errors
 from proto.topology import Topology
-from tests.test_e2e_swarm import Role
+from tests.test_e2e_swarm import Role, start_bootstrap_dht
 
 NOT_OWNER = "signer does not own the named node's DHT record"
 READY = re.compile(r"node (\S+) ready: model")
@@ -58,15 +58,7 @@ def dht_nodes(amqp_url: str, topology: Topology, tiny_model_path: Path,
     env = {**os.environ, "DINET_AMQP_URL": amqp_url}
     roles: list[Role] = []
     try:
-        peers_file = tmp_path / "peers"
-        dht = Role("dht", ["node", "dht", "--maddrs-file", str(peers_file)], tmp_path, env)
-        roles.append(dht)
-        deadline = time.monotonic() + 60
-        while not (peers_file.exists() and peers_file.read_text().strip()):
-            if dht.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("bootstrap DHT peer did not start:\n" + dht.text())
-            time.sleep(0.1)
-        peers = peers_file.read_text().split()
+        peers = start_bootstrap_dht(tmp_path, env, roles, timeout=60)
         victim = _node("victim", peers, tmp_path, env, topology, tiny_model_path, "--model-name", "tiny")
         roles.append(victim)
         victim.wait_for("ready: model")

@@ -60,20 +60,25 @@ class Role:
         self.proc.wait()
 
 
+def start_bootstrap_dht(log_dir: Path, env: dict[str, str], roles: list[Role], *, timeout: float) -> list[str]:
+    """Start a ``dinet-node dht`` peer (appended to ``roles``, so the caller stops it) and return its multiaddrs."""
+    peers_file = log_dir / "peers"
+    dht = Role("dht", ["node", "dht", "--maddrs-file", str(peers_file)], log_dir, env)
+    roles.append(dht)
+    deadline = time.monotonic() + timeout
+    while not (peers_file.exists() and peers_file.read_text().strip()):
+        if dht.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("bootstrap DHT peer did not start:\n" + dht.text())
+        time.sleep(0.1)
+    return peers_file.read_text().split()
+
+
 @pytest.fixture
 def swarm(amqp_url: str, topology: Topology, tiny_model_path: Path, tmp_path: Path) -> Iterator[list[Role]]:
     env = {**os.environ, "DINET_AMQP_URL": amqp_url}
     roles: list[Role] = []
     try:
-        peers_file = tmp_path / "peers"
-        dht = Role("dht", ["node", "dht", "--maddrs-file", str(peers_file)], tmp_path, env)
-        roles.append(dht)
-        deadline = time.monotonic() + 90
-        while not (peers_file.exists() and peers_file.read_text().strip()):
-            if dht.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("bootstrap DHT peer did not start:\n" + dht.text())
-            time.sleep(0.1)
-        peers = peers_file.read_text().split()
+        peers = start_bootstrap_dht(tmp_path, env, roles, timeout=90)
         broker = Role("broker", ["broker", "run", "--namespace", topology.namespace, "--initial-peers", *peers],
                       tmp_path, env)
         roles.append(broker)

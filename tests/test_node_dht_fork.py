@@ -8,7 +8,6 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import hivemind
 import pytest
@@ -47,15 +46,6 @@ class _ForkingStub:
     def is_alive(self) -> bool:
         return False
 
-
-@pytest.fixture
-def no_automatic_gc() -> Iterator[None]:
-    """Keep garbage uncollected until the fork (the parent's collector would otherwise run at some point)."""
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _finalized_in() -> list[int]:
