@@ -114,6 +114,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         dht_port=args.dht_port,
         announce_host=args.announce_host,
         accelerated=args.accelerated,
+        local_blocks=not args.no_local_blocks,
         draft_model=args.draft_model,
         draft_weight_format=args.draft_weight_format,
         swarm_token=swarm_token_from_env(args.swarm_token),
@@ -179,6 +180,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     shard.add_argument("--accelerated", action="store_true",
                        help="serve blocks with the accelerated server (continuous batching, prefix cache; "
                        "see docs/methods.md)")
+    shard.add_argument("--no-local-blocks", action="store_true",
+                       help="as a driver, reach this node's own blocks over its gRPC server like any peer's "
+                       "(default: run them in-process, which saves a loopback round trip per token)")
     shard.add_argument("--draft-model", default="",
                        help="draft model directory (same tokenizer as --model) the chain driver drafts spec_draft "
                        "requests with; spec_draft is offered only with one (see docs/methods.md)")

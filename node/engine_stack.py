@@ -101,6 +101,7 @@ async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
         weight_format=WEIGHT_FORMAT_OF_DTYPE[cfg.dtype],
         swarm_token=cfg.swarm_token,
         tls=cfg.tls,
+        local_blocks=cfg.local_blocks,
         chain=ChainConfig(swarm_token=cfg.swarm_token, draft_model=cfg.draft, tls=cfg.tls),
     )
     if cfg.accelerated:

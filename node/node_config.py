@@ -60,6 +60,7 @@ class NodeConfig:
     dht_port: int = 0  # DHT port (0 = any free port)
     announce_host: str = ""  # address other nodes reach this one at, when not ``host`` (NAT, 0.0.0.0)
     accelerated: bool = False  # serve with node/accel's server: continuous batching + prefix cache
+    local_blocks: bool = True  # the driver runs this node's own blocks in-process (node/blocks/local_span.py)
     draft_model: str = ""  # the chain driver's draft model for spec_draft (a local dir, --model's tokenizer)
     draft_weight_format: str = "fp32"  # fp32 | bf16 | int8: how the driver loads the draft model
     # every gRPC call of the block swarm carries it and this node's server refuses calls without it

@@ -34,6 +34,7 @@ import torch
 from node.blocks.auth import swarm_token_from_env
 from node.blocks.chain_session import ChainSession
 from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
+from node.blocks.local_span import LocalBlocks, LocalSpan
 from node.blocks.remote import ChannelPool, RemoteSpan, probe_rtt_ms
 from node.blocks.routing import Hop, RouteCosts, find_route
 from node.blocks.tls import TlsConfig
@@ -106,6 +107,7 @@ class ChainEngine:
         records: RecordSource,
         config: ChainConfig | None = None,
         weight_format: str = "fp32",
+        local: LocalBlocks | None = None,
     ) -> None:
         self.model_dir = resolve_model_dir(model_path)
         self.model_config = load_config(self.model_dir)
@@ -113,6 +115,8 @@ class ChainEngine:
         self.records = records
         self.config = config or ChainConfig()
         self.weight_format = weight_format
+        # the blocks this node serves itself: routed like any peer's, but run in-process (node/blocks/local_span.py)
+        self.local = local
         self.num_blocks = int(self.model_config.num_hidden_layers)
         self.max_positions = int(self.model_config.max_position_embeddings)
         self.pool = ChannelPool(self.config.max_message_bytes, swarm_token=self.config.swarm_token,
@@ -201,7 +205,10 @@ class ChainEngine:
         """A session over a fresh route (for callers that step hidden states themselves)."""
         return await ChainSession(self, max_length=max_length).open()
 
-    def remote(self, hop: Hop, max_length: int) -> RemoteSpan:
+    def remote(self, hop: Hop, max_length: int) -> RemoteSpan | LocalSpan:
+        """The session handle for ``hop``: in-process when it names this node's own blocks."""
+        if self.local is not None and self.local.covers(hop):
+            return self.local.open(hop, max_length=max_length)
         return RemoteSpan(
             self.pool, hop, model=self.model_name, max_length=max_length,
             step_timeout_s=self.config.step_timeout_s, tensor_limits=self.tensor_limits,
@@ -265,6 +272,10 @@ class ChainEngine:
             if len(self._records) < len(records):
                 logger.debug("left out %d peers that speak %s", len(records) - len(self._records),
                              "plaintext" if tls else "only TLS")
+            if self.local is not None:  # its own blocks, even before (or without) its DHT record
+                own = self.local.record()
+                self._records = [r for r in self._records if r.peer_id != own.peer_id] + [own]
+                self._rtt[own.peer_id] = (0.0, time.monotonic())  # no network between a driver and itself
             self._records_at = time.monotonic()
         return self._records
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from node.blocks.local_span import LocalSpan
 from node.blocks.push import PushTarget
 from node.blocks.remote import HopFailure, RemoteSpan
 from node.blocks.routing import Hop
@@ -38,10 +39,13 @@ class _Span:
     """One hop of a live session and what it has been sent so far."""
 
     hop: Hop
-    remote: RemoteSpan
+    remote: RemoteSpan | LocalSpan  # LocalSpan: the driver's own blocks, run in its process
     inputs: list[torch.Tensor] = field(default_factory=list)  # every [B, T, H] sent to this span, in order
     length: int = 0  # tokens in the peer's cache (sum of the inputs' T)
     pushes: bool = True  # the peer follows routes (False once it answered one without pushing or saying why)
+
+    def __post_init__(self) -> None:
+        self.pushes = self.pushes and not isinstance(self.remote, LocalSpan)
 
     def record(self, hidden: torch.Tensor) -> None:
         self.inputs.append(hidden)
@@ -118,7 +122,7 @@ class ChainSession:
             return []
         route = []
         for span in self.spans[i + 1 :]:
-            if span.length == 0:
+            if span.length == 0 or isinstance(span.remote, LocalSpan):  # in-process spans take no pushes
                 break
             route.append(span.remote.target())
         return route

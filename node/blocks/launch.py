@@ -20,6 +20,7 @@ from node.blocks.chain_engine import ChainConfig, ChainEngine
 from node.blocks.dht import Announcer, SwarmDHT
 from node.blocks.kv_cache import CacheManager
 from node.blocks.loader import WEIGHT_DTYPES, load_blocks, load_config, resolve_model_dir
+from node.blocks.local_span import LocalBlocks
 from node.blocks.push import NoPush, PushChannels, SwarmPushPolicy
 from node.blocks.server import BlockServicer, ServerLimits, grpc_options, start_grpc_server
 from node.blocks.tls import TlsConfig
@@ -49,6 +50,9 @@ class ServingConfig:
     dht_port: int = 0  # DHT (libp2p) port (0 = any free port)
     limits: ServerLimits = field(default_factory=ServerLimits)  # per-peer bounds of the gRPC service
     push: bool = True  # push outputs to the next hop when a driver asks (to DHT-listed peers only)
+    # this node's driver runs its own blocks in-process (node/blocks/local_span.py); False = over its own
+    # gRPC server like any peer's (every hop of a chain on the wire, e.g. to measure it)
+    local_blocks: bool = True
     # calls without this token are refused, and this node's own calls (pushes, driving) carry it
     # (node/blocks/auth.py); default $DINET_SWARM_TOKEN, "" = open swarm
     swarm_token: str = field(default_factory=swarm_token_from_env, repr=False)
@@ -159,13 +163,22 @@ async def _serve(config: ServingConfig, hardware: HardwareInfo, swarm: SwarmDHT)
             tls=config.tls is not None,
         )
 
+    def own_blocks() -> BlockRecord:
+        return BlockRecord(
+            peer_id=swarm.peer_id, address=address, group=config.group, start_block=start, end_block=end,
+            throughput_tok_s=round(throughput, 2), free_cache_bytes=caches.free_bytes, load=round(servicer.load, 4),
+            tls=config.tls is not None,
+        )
+
     announcer = Announcer(swarm, config.model_name, record, period_s=config.announce_period_s,
                           ttl_s=config.record_ttl_s)
     try:
         await announcer.start()
+        # the driver runs this node's own blocks in-process rather than calling itself over loopback
+        local = LocalBlocks(steps=servicer.steps, caches=caches, max_length=servicer.max_length, record=own_blocks)
         engine = ChainEngine(
             model_path=str(model_dir), model_name=config.model_name, records=swarm, config=driver_config(config),
-            weight_format=config.weight_format,
+            weight_format=config.weight_format, local=local if config.local_blocks else None,
         )
     except BaseException:
         await announcer.close(withdraw=False)

@@ -51,6 +51,8 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     add_swarm_token_argument(parser)
     parser.add_argument("--no-push", action="store_true",
                         help="never push outputs to the next hop, even when a driver asks (default: push when asked)")
+    parser.add_argument("--no-local-blocks", action="store_true",
+                        help="as a driver, reach this node's own blocks over gRPC (default: in-process)")
     parser.add_argument("--drive-push", action="store_true",
                         help="as a driver, ask hops to push to each other (default: star mode)")
     add_tls_arguments(parser)
@@ -79,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         announce_period_s=args.announce_period,
         record_ttl_s=args.record_ttl,
         push=not args.no_push,
+        local_blocks=not args.no_local_blocks,
         swarm_token=token,
         tls=tls,
         chain=ChainConfig(push=args.drive_push, swarm_token=token, tls=tls),

@@ -10,13 +10,19 @@ Measures, on one prompt:
 - ``chain2_push`` / ``chain3_push``: the same servers in push mode (each hop pushes its output
   to the next: driver -> s1 -> s2 -> s3 -> driver on the critical path, n + 1 messages, plus
   each hop's answer to the driver off it).
+- ``chain2_own`` / ``chain3_own``: 2 / 3 nodes where the driver is a node serving the first span
+  itself, as ``dinet-node run --blocks`` drives (node/blocks/local_span.py): it runs those blocks
+  in-process and calls the other 1 / 2 servers (those of chain2 / chain3, the first one left out
+  of its records), so 2 / 4 messages per token.
 
 Decode speed is tokens/s after the first token (prefill excluded, reported apart).
 ``hop_overhead_ms`` = (chain3 per-token time - local per-token time) / 3: what one hop adds
 per token (default star mode; ``hop_overhead_ms_push`` for push mode). ``hop_floor_ms`` is what a hop
 costs on this host with no network stack at all (scripts/bench/hop_floor.py: the same 3 spans in worker
 processes handing hidden states over OS pipes, measured right after, unless ``--no-floor``), so
-``hop_overhead_ms - hop_floor_ms`` is roughly what gRPC and our code add. The driver's own compute
+``hop_overhead_ms - hop_floor_ms`` is roughly what gRPC and our code add. ``hop_overhead_ms_own`` =
+(chain3_own per-token time - local per-token time) / 2: per network hop when the driver holds the first
+span (``chain2_own_ratio`` = chain2_own / single). The driver's own compute
 (embedding, LM head) runs with ``--driver-threads`` torch threads, like ``local``.
 The last line is a JSON object.
 
@@ -45,9 +51,12 @@ sys.path.insert(0, str(ROOT))
 from node.blocks.block_functions import BlockSpan, run_span  # noqa: E402
 from node.blocks.chain_engine import ChainConfig, ChainEngine  # noqa: E402
 from node.blocks.dht import SwarmDHT  # noqa: E402
-from node.blocks.kv_cache import SessionCache  # noqa: E402
+from node.blocks.kv_cache import CacheManager, SessionCache  # noqa: E402
 from node.blocks.loader import load_blocks, load_config, load_driver_parts  # noqa: E402
+from node.blocks.local_span import LocalBlocks  # noqa: E402
+from node.blocks.server import BlockServicer, ServerLimits  # noqa: E402
 from node.engine import GenerationRequest  # noqa: E402
+from proto.records import BlockRecord  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hop_floor import measure_floor  # noqa: E402
@@ -165,6 +174,27 @@ class Chain:
         return tokens, prefill, rate
 
 
+class BeyondOwn:
+    """The swarm's records of blocks from ``start`` on: a 2-/3-node chain whose driver holds the blocks before."""
+
+    def __init__(self, dht: SwarmDHT, start: int) -> None:
+        self.dht = dht
+        self.start = start
+
+    async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]:
+        return [r for r in await self.dht.block_records(model, num_blocks) if r.start_block >= self.start]
+
+
+def own_blocks(model_dir: Path, end: int) -> LocalBlocks:
+    """Blocks 0:end in this process, wired to a driver as node.blocks.launch does for a serving node."""
+    config = load_config(model_dir)
+    span = BlockSpan.create(config, load_blocks(model_dir, config, 0, end), 0)
+    caches = CacheManager(budget_bytes=1 << 30, ttl_s=300)
+    servicer = BlockServicer(span=span, model_name=model_dir.name, caches=caches, limits=ServerLimits())
+    record = BlockRecord(peer_id="driver", address="in-process", group="bench", start_block=0, end_block=end)
+    return LocalBlocks(steps=servicer.steps, caches=caches, max_length=servicer.max_length, record=lambda: record)
+
+
 async def run_all(
     model_dir: Path, prompt: list[int], new: int, rounds: int, threads: int, driver_threads: int
 ) -> dict[str, list[tuple]]:
@@ -186,6 +216,10 @@ async def run_all(
                                            config=ChainConfig(push=push))
             for name in layouts for suffix, push in (("", False), ("_push", True))
         }
+        for name, ranges in layouts.items():  # the driver holds the first span itself
+            own_end = int(ranges[0].split(":")[1])
+            engines[f"{name}_own"] = ChainEngine(model_path=str(model_dir), model_name=name,
+                                                 records=BeyondOwn(dht, own_end), local=own_blocks(model_dir, own_end))
         runners: dict[str, object] = {"single": Single(model_dir), "local": Local(model_dir, threads)}
         runners.update({name: Chain(engine, driver_threads) for name, engine in engines.items()})
         results: dict[str, list[tuple]] = {name: [] for name in runners}
@@ -255,6 +289,12 @@ def main() -> int:
         "hop_overhead_ms_chain2": round((per_token["chain2"] - per_token["local"]) / 2, 3),
         "hop_overhead_ms_push": round((per_token["chain3_push"] - per_token["local"]) / 3, 3),
         "hop_overhead_ms_chain2_push": round((per_token["chain2_push"] - per_token["local"]) / 2, 3),
+        "chain2_own_tok_s": round(rate["chain2_own"], 2),
+        "chain3_own_tok_s": round(rate["chain3_own"], 2),
+        "chain2_own_ratio": round(rate["chain2_own"] / single, 3),
+        "chain2_own_vs_local": round(rate["chain2_own"] / local, 3),
+        "hop_overhead_ms_own_chain2": round(per_token["chain2_own"] - per_token["local"], 3),
+        "hop_overhead_ms_own": round((per_token["chain3_own"] - per_token["local"]) / 2, 3),
         "prefill_ms": prefill,
         "identical_tokens": len({tuple(t) for t in tokens.values()}) == 1,
         "hop_floor_ms": floor["pipe_hop_overhead_ms"] if floor else None,
@@ -267,7 +307,8 @@ def main() -> int:
         "loadavg_after": round(os.getloadavg()[0], 2),
     }
     print(f"single {single:.1f} tok/s | local blocks {local:.1f} | chain2 {chain2:.1f} | chain3 {chain3:.1f} | "
-          f"push: chain2 {rate['chain2_push']:.1f} chain3 {rate['chain3_push']:.1f}", file=sys.stderr)
+          f"push: chain2 {rate['chain2_push']:.1f} chain3 {rate['chain3_push']:.1f} | "
+          f"own: chain2 {rate['chain2_own']:.1f} chain3 {rate['chain3_own']:.1f}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 
