@@ -21,22 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-import grpc
 import torch
 
 from node.blocks.auth import swarm_token_from_env
 from node.blocks.chain_session import ChainSession
 from node.blocks.loader import DriverParts, load_config, load_driver_parts, resolve_model_dir
 from node.blocks.local_span import LocalBlocks, LocalSpan
-from node.blocks.remote import ChannelPool, RemoteSpan, probe_rtt_ms
-from node.blocks.routing import Hop, RouteCosts, find_route
+from node.blocks.peer_view import PeerView, RecordSource
+from node.blocks.remote import ChannelPool, RemoteSpan
+from node.blocks.routing import Hop, RouteCosts
 from node.blocks.tls import TlsConfig
 from node.blocks.wire import MESSAGE_ENVELOPE_BYTES
 from node.engine import GenerationRequest
@@ -45,24 +43,16 @@ from proto.codec import TensorLimits
 from proto.errors import (
     InvalidRequestError,
     MaxNewTokensError,
-    NoRouteError,
     PromptEmptyError,
     PromptTooLongError,
 )
 from proto.methods import METHODS
-from proto.records import BlockRecord
 
 if TYPE_CHECKING:  # node.accel is imported only when a method needs it
     from node.accel.draft import DraftModelConfig
     from node.accel.speculative import Drafter
 
 logger = logging.getLogger(__name__)
-
-
-class RecordSource(Protocol):
-    """Where the driver learns who serves which blocks (:class:`node.blocks.dht.SwarmDHT`, or a fixed list)."""
-
-    async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +102,6 @@ class ChainEngine:
         self.model_dir = resolve_model_dir(model_path)
         self.model_config = load_config(self.model_dir)
         self.model_name = model_name
-        self.records = records
         self.config = config or ChainConfig()
         self.weight_format = weight_format
         # the blocks this node serves itself: routed like any peer's, but run in-process (node/blocks/local_span.py)
@@ -123,11 +112,8 @@ class ChainEngine:
                                 tls=self.config.tls)
         self.tensor_limits = TensorLimits(max_bytes=self.config.max_message_bytes - MESSAGE_ENVELOPE_BYTES)
         self._driver: DriverParts | None = None
-        self._records: list[BlockRecord] = []
-        self._records_at = 0.0
-        self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (rtt ms, measured at)
-        self._banned: dict[str, tuple[float, bool]] = {}  # peer -> (until, dead)
-        self._rng = random.Random()
+        self.peers = PeerView(records, model_name=model_name, num_blocks=self.num_blocks, config=self.config,
+                              pool=self.pool, local=local)
         self.sessions: set[ChainSession] = set()  # open sessions (observability: which peers serve what)
         self._drafters: Callable[[], Drafter] | None = None  # the loaded draft model's per-request drafters
         self._draft_lock = asyncio.Lock()
@@ -215,92 +201,22 @@ class ChainEngine:
         )
 
     async def route(self, start: int, end: int, *, refresh: bool = False) -> list[Hop]:
-        """The cheapest live route over blocks ``start..end-1``; probes peers whose RTT is unknown.
-
-        Without a route it re-reads the DHT a few times first (a lookup can come back incomplete on a busy
-        swarm, and a node may be joining), then raises :class:`NoRouteError`.
-        """
-        attempt = 0
-        while True:
-            try:
-                return await self._route_once(start, end, refresh=refresh or attempt > 0)
-            except NoRouteError as exc:
-                attempt += 1
-                if attempt >= self.config.route_attempts:
-                    raise
-                logger.info("no route yet (%s); reading the DHT again", exc)
-                await asyncio.sleep(0.25 * 2 ** (attempt - 1))
-
-    async def _route_once(self, start: int, end: int, *, refresh: bool) -> list[Hop]:
-        records = await self._live_records(refresh=refresh)
-        await self._probe([r for r in records if not self._is_banned(r.peer_id)])
-        now = time.monotonic()
-        banned = {p: dead for p, (until, dead) in self._banned.items() if until > now}
-        rtt_ms = {peer: rtt for peer, (rtt, _) in self._rtt.items()}
-        try:
-            return find_route(records, start=start, end=end, model=self.model_name, rtt_ms=rtt_ms,
-                              exclude=banned, costs=self.config.costs, rng=self._rng)
-        except NoRouteError:
-            # peers that were only slow or full are better than no route at all (retries stay bounded)
-            alive = [p for p, dead in banned.items() if dead]
-            if len(alive) == len(banned):
-                raise
-            hops = find_route(records, start=start, end=end, model=self.model_name, rtt_ms=rtt_ms,
-                              exclude=alive, costs=self.config.costs, rng=self._rng)
-            logger.warning("no route without recently failed peers; retrying through %s", [h.peer_id for h in hops])
-            return hops
+        """The cheapest live route over blocks ``start..end-1`` (:meth:`PeerView.route`)."""
+        return await self.peers.route(start, end, refresh=refresh)
 
     async def ban(self, hop: Hop, *, dead: bool = True) -> None:
-        """Leave the peer out of routes for ``ban_s``; one that is not ``dead`` (slow, full) stays a last resort.
+        """Leave the peer out of routes for a while (:meth:`PeerView.ban`)."""
+        await self.peers.ban(hop, dead=dead)
 
-        Its channel stays: other sessions on a peer that is merely full keep working, and gRPC reconnects by
-        itself if it comes back."""
-        self._banned[hop.peer_id] = (time.monotonic() + self.config.ban_s, dead)
-        self._rtt.pop(hop.peer_id, None)
+    @property
+    def records(self) -> RecordSource:
+        return self.peers.records
+
+    @records.setter
+    def records(self, source: RecordSource) -> None:
+        self.peers.records = source
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _is_banned(self, peer_id: str) -> bool:
-        return self._banned.get(peer_id, (0.0, False))[0] > time.monotonic()
-
-    async def _live_records(self, *, refresh: bool) -> list[BlockRecord]:
-        if refresh or time.monotonic() - self._records_at > self.config.records_max_age_s:
-            records = await self.records.block_records(self.model_name, self.num_blocks)
-            # a peer of the other TLS mode would only fail its handshake: leave it out rather than fail a hop
-            tls = self.config.tls is not None
-            self._records = [r for r in records if r.tls == tls]
-            if len(self._records) < len(records):
-                logger.debug("left out %d peers that speak %s", len(records) - len(self._records),
-                             "plaintext" if tls else "only TLS")
-            if self.local is not None:  # its own blocks, even before (or without) its DHT record
-                own = self.local.record()
-                self._records = [r for r in self._records if r.peer_id != own.peer_id] + [own]
-                self._rtt[own.peer_id] = (0.0, time.monotonic())  # no network between a driver and itself
-            self._records_at = time.monotonic()
-        return self._records
-
-    async def _probe(self, records: list[BlockRecord]) -> None:
-        now = time.monotonic()
-        stale = [r for r in records if now - self._rtt.get(r.peer_id, (0.0, -1e9))[1] > self.config.rtt_max_age_s]
-
-        async def probe(record: BlockRecord) -> None:
-            try:
-                rtt = await probe_rtt_ms(self.pool, record.address, timeout_s=self.config.probe_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    # slow, not necessarily dead (a busy host, a cold start): last resort, not banned; a step
-                    # that really fails bans it
-                    logger.info("peer %s at %s is slow to answer; routing around it if possible", record.peer_id,
-                                record.address)
-                    self._rtt[record.peer_id] = (self.config.probe_timeout_s * 1000.0 * 10, time.monotonic())
-                    return
-                logger.info("peer %s at %s does not answer (%s); leaving it out", record.peer_id, record.address,
-                            exc.code().name)
-                await self.ban(Hop(record.peer_id, record.address, record.start_block, record.end_block), dead=True)
-                return
-            self._rtt[record.peer_id] = (rtt, time.monotonic())
-
-        await asyncio.gather(*(probe(r) for r in stale))
 
     def _check_request(self, prompt: list[int], max_new_tokens: int) -> None:
         if not prompt:
