@@ -9,6 +9,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from agent.owners import DhtJoinError
 from proto.errors import DinetError
 from proto.settings import AMQP_URL_ENV, amqp_url_from_env
 from proto.topology import DEFAULT_NAMESPACE, DEFAULT_PRIORITY, PRIORITIES
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--agent-id", default=None,
                         help="name of this agent's durable reply queue (default: a fresh one, deleted at exit)")
     submit.add_argument("--amqp-url", default=None, help=f"RabbitMQ URL (default: ${AMQP_URL_ENV} or the local one)")
+    submit.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                        help="DHT multiaddrs to join (as a node or broker prints them) to confirm that the answer's "
+                        "signer owns the node id it names; an answer signed by another key is refused. Without "
+                        "it the answer is shown with 'signer unconfirmed'")
     submit.add_argument("--namespace", default=DEFAULT_NAMESPACE, help=f"deployment namespace (default: "
                         f"{DEFAULT_NAMESPACE})")
     submit.set_defaults(func=_submit)
@@ -58,7 +63,8 @@ async def _submit_async(args: argparse.Namespace) -> int:
     from agent.client import Agent
     from agent.config import AgentConfig
 
-    config = AgentConfig(amqp_url=amqp_url_from_env(args.amqp_url), namespace=args.namespace)
+    config = AgentConfig(amqp_url=amqp_url_from_env(args.amqp_url), namespace=args.namespace,
+                         initial_peers=tuple(args.initial_peers))
     if args.agent_id:
         config.agent_id = args.agent_id
     else:
@@ -116,6 +122,9 @@ def _submit(args: argparse.Namespace) -> int:
         return 1
     except TimeoutError as exc:
         _report_error(args, "timeout", str(exc))
+        return 3
+    except DhtJoinError as exc:  # a ConnectionError, but not RabbitMQ's
+        _report_error(args, "dht", str(exc))
         return 3
     except (ConnectionError, OSError) as exc:
         _report_error(args, "connection", f"{exc}; is RabbitMQ running? (scripts/setup.sh starts it)")

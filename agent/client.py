@@ -15,7 +15,10 @@ the agent drops what it has seen: chunks it already has, and results of finished
 requests. A result with an error raises the matching :class:`proto.errors.DinetError`.
 Every result's signature is checked first: one that does not verify is refused with
 :class:`proto.result_signing.ResultSignatureError`; an unsigned one is accepted and marked
-unsigned (``GenerationResult.signed``), and its outcome cannot credit any node.
+unsigned (``GenerationResult.signed``), and its outcome cannot credit any node. With
+``AgentConfig.initial_peers`` the agent also joins the DHT (client mode) and checks that a
+result's signer owns the node id it names (:mod:`agent.owners`): a non-owner's answer is refused
+with :class:`agent.owners.SignerNotOwnerError`; the others carry ``signer_confirmed``.
 When a request is over the agent reports what it saw (node, outcome, its own timings) to
 the telemetry stream, in the background (:mod:`agent.outcomes`): brokers judge nodes on it.
 
@@ -27,6 +30,7 @@ replies to requests (:mod:`agent.replies`) and one caller's wait (:mod:`agent.ge
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -39,6 +43,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from agent.config import AgentConfig
 from agent.generation import Generation
 from agent.outcomes import OutcomeReporter
+from agent.owners import DhtOwnerSource, OwnerDirectory
 from agent.pending import PendingRequest, observation
 from agent.publish import REQUEST_TYPE, TRANSPORT_ERRORS, publish_request, retry_delay
 from agent.replies import CHUNK_TYPES, ReplyRouter
@@ -77,6 +82,8 @@ class Agent:
         self._consumer_tag: str | None = None
         self.replies = ReplyRouter(cfg, self._report)
         self.outcomes = OutcomeReporter(self.topology, cfg.agent_id, timeout_s=cfg.publish_timeout_s)
+        self._owner_source: DhtOwnerSource | None = None
+        self.owners: OwnerDirectory | None = None  # node owners from the DHT; None = no DHT configured
 
     @property
     def duplicates_dropped(self) -> int:
@@ -91,8 +98,18 @@ class Agent:
         await self.close()
 
     async def connect(self) -> None:
-        """Open a robust connection, declare the topology and start consuming the reply queue."""
-        self._connection = await aio_pika.connect_robust(self.config.amqp_url, timeout=10)
+        """Join the DHT when configured, open a robust connection, declare the topology, consume the reply queue.
+
+        :raises agent.owners.DhtJoinError: ``initial_peers`` are set and the DHT could not be joined.
+        :raises ValueError: a malformed multiaddr in ``initial_peers``.
+        """
+        if self.config.initial_peers:
+            await self._join_dht()
+        try:
+            self._connection = await aio_pika.connect_robust(self.config.amqp_url, timeout=10)
+        except BaseException:
+            await self._leave_dht()
+            raise
         try:
             self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             await self.topology.declare_core(self._publish_channel)
@@ -102,6 +119,7 @@ class Agent:
             self._consumer_tag = await self._reply_queue.consume(self._on_reply)
         except BaseException:
             await self._connection.close()
+            await self._leave_dht()
             raise
         logger.debug("agent %s connected; replies on %s", self.config.agent_id, self.reply_queue_name)
 
@@ -120,6 +138,24 @@ class Agent:
             with contextlib.suppress(Exception):
                 await self._connection.close()
         self._connection = self._publish_channel = self._reply_channel = None
+        await self._leave_dht()
+
+    async def _join_dht(self) -> None:
+        """Start the DHT peer (in a thread: it forks and waits) and the cached owner lookups on top of it."""
+        cfg = self.config
+        source = await asyncio.to_thread(DhtOwnerSource, cfg.initial_peers)
+        self._owner_source = source
+        self.owners = OwnerDirectory(source.fetch, ttl_s=cfg.owner_cache_s, timeout_s=cfg.owner_lookup_timeout_s)
+        self.replies.owners = self.owners
+
+    async def _leave_dht(self) -> None:
+        self.replies.owners = None
+        if self.owners is not None:
+            await self.owners.close()
+            self.owners = None
+        if self._owner_source is not None:
+            await asyncio.to_thread(self._owner_source.shutdown)
+            self._owner_source = None
 
     # -- public API ---------------------------------------------------------------------------
     def generate(
@@ -200,7 +236,7 @@ class Agent:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
-            self.replies.dispatch(message)
+            await self.replies.receive(message)
         except Exception:  # a bad reply must never stop the consumer
             logger.exception("could not handle a reply message")
         with contextlib.suppress(*TRANSPORT_ERRORS):

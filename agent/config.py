@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
+from agent.owners import check_initial_peers
 from proto.settings import DEFAULT_AMQP_URL
 from proto.topology import DEFAULT_NAMESPACE, DEFAULT_PRIORITY, PRIORITIES, validate_name
 
@@ -33,6 +35,10 @@ class AgentConfig:
     report_outcomes: bool = True  # after each request, publish what this agent saw (node, ok or error, its own
     #   timings) to the telemetry stream: brokers judge nodes' reputation on these, never on nodes' own reports
     outcome_flush_s: float = 1.0  # on close, wait at most this long for outcome reports still in flight
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join, to confirm that each result's signer owns the
+    #   node id it names (agent/owners.py); empty = no DHT: results are accepted with signer_confirmed=None
+    owner_cache_s: float = 10.0  # how long a view of node owners read from the DHT is reused
+    owner_lookup_timeout_s: float = 2.0  # longest a result waits for the DHT; slower = accepted unconfirmed
     delete_reply_queue_on_close: bool = False  # for one-shot clients (the CLI without --agent-id): nothing
     #   can pick up later results anyway, so do not leave the queue to expire a day later
 
@@ -43,3 +49,8 @@ class AgentConfig:
             raise ValueError(f"unknown priority {self.default_priority!r}; choose one of {', '.join(PRIORITIES)}")
         if self.publish_attempts < 1:
             raise ValueError("publish_attempts must be >= 1")
+        self.initial_peers = check_initial_peers(self.initial_peers)
+        for name in ("owner_cache_s", "owner_lookup_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")

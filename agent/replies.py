@@ -19,11 +19,16 @@ the result says so (``GenerationResult.stream_consistent`` is False,
 Every result's signature is checked before it is handed over
 (:func:`proto.result_signing.verify_result`): one that does not verify is refused
 (:func:`agent.results.refusal`), an unsigned one is accepted and marked unsigned, and an
-error result becomes its typed :class:`proto.errors.DinetError`.
+error result becomes its typed :class:`proto.errors.DinetError`. When the agent reads the DHT
+(``ReplyRouter.owners``, :mod:`agent.owners`), :meth:`ReplyRouter.receive` also asks whether a
+valid signer owns the node id the result names: a known non-owner is refused
+(:class:`agent.owners.SignerNotOwnerError`), anything else is handed over with
+``signer_confirmed`` True or None (could not tell).
 
 Kept apart from :mod:`agent.client` (connection, publishing, public API) so that this
-logic, which decides what the user sees, is plain synchronous code on parsed messages,
-with no channel or connection in it. Acking is the consumer's job, not this module's.
+logic, which decides what the user sees, is plain code on parsed messages, with no channel
+or connection in it: synchronous but for the owner lookup, which sits behind the small
+:class:`OwnerCheck` protocol. Acking is the consumer's job, not this module's.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 
 from agent.config import AgentConfig
+from agent.owners import not_owner_refusal
 from agent.pending import PendingRequest
 from agent.results import Chunk, chunk_from_proto, refusal, result_from_proto
 from proto import errors, messages_pb2
@@ -46,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 CHUNK_TYPES = frozenset({"TokenChunk", messages_pb2.TokenChunk.DESCRIPTOR.full_name})
 CLOSED = object()  # queued to a pending request when the agent closes
+
+
+class OwnerCheck(Protocol):
+    """Whether ``signer_key`` owns ``node_id``'s DHT record (:meth:`agent.owners.OwnerDirectory.confirm`)."""
+
+    async def confirm(self, node_id: str, signer_key: bytes) -> bool | None: ...
 
 
 class Reporter(Protocol):
@@ -73,6 +85,7 @@ class ReplyRouter:
         self.pending: dict[str, PendingRequest] = {}
         self._finished: dict[str, None] = {}  # insertion-ordered set of finished request ids
         self.duplicates_dropped = 0
+        self.owners: OwnerCheck | None = None  # set by the agent when it reads the DHT; None = results unconfirmed
 
     def register(self, request_id: str) -> PendingRequest:
         """A new request to wait for; :raises ValueError: for an id this agent used already."""
@@ -96,7 +109,30 @@ class ReplyRouter:
         self.pending.clear()
 
     def dispatch(self, message: AbstractIncomingMessage) -> None:
-        """Parse one reply and hand it to its request; an unparsable or duplicate one is dropped."""
+        """Parse one reply and hand it to its request, with no owner check (``signer_confirmed`` None)."""
+        parsed = self._parse(message)
+        if parsed is not None:
+            self._handle(*parsed)
+
+    async def receive(self, message: AbstractIncomingMessage) -> None:
+        """:meth:`dispatch`, plus, for a validly signed result when :attr:`owners` is set, the (bounded) check
+        that its signer owns the node it names before it is handed over."""
+        parsed = self._parse(message)
+        if parsed is None:
+            return
+        pending, reply = parsed
+        if self.owners is None or not isinstance(reply, messages_pb2.InferenceResult):
+            self._handle(pending, reply)
+            return
+        verdict = verify_result(reply)
+        confirmed = await self.owners.confirm(reply.node_id, reply.signer_key) if verdict is Verdict.VALID else None
+        if self.pending.get(pending.request_id) is not pending:  # another copy settled it while we looked
+            self.duplicates_dropped += 1
+            return
+        self._on_result(pending, reply, verdict=verdict, confirmed=confirmed)
+
+    def _parse(self, message: AbstractIncomingMessage) -> tuple[PendingRequest, Any] | None:
+        """The reply and its waiting request; None (logged) when unparsable, finished or unknown."""
         is_chunk = message.type in CHUNK_TYPES
         try:
             parsed: Any = (messages_pb2.TokenChunk if is_chunk else messages_pb2.InferenceResult).FromString(
@@ -104,16 +140,19 @@ class ReplyRouter:
             )
         except DecodeError:
             logger.warning("dropping an unparsable reply (type %r, %d bytes)", message.type, len(message.body))
-            return
+            return None
         pending = self.pending.get(parsed.request_id)
         if pending is None:
             self.duplicates_dropped += 1
             logger.debug("dropping a reply for finished or unknown request %s", parsed.request_id)
-            return
-        if is_chunk:
-            self._on_chunk(pending, parsed)
+            return None
+        return pending, parsed
+
+    def _handle(self, pending: PendingRequest, reply: Any) -> None:
+        if isinstance(reply, messages_pb2.TokenChunk):
+            self._on_chunk(pending, reply)
         else:
-            self._on_result(pending, parsed)
+            self._on_result(pending, reply)
 
     def _on_chunk(self, pending: PendingRequest, message: messages_pb2.TokenChunk) -> None:
         end = message.index + len(message.token_ids)
@@ -133,14 +172,23 @@ class ReplyRouter:
         pending.streamed_token_ids.extend(chunk.token_ids)
         pending.items.put_nowait(chunk)
 
-    def _on_result(self, pending: PendingRequest, message: messages_pb2.InferenceResult) -> None:
+    def _on_result(self, pending: PendingRequest, message: messages_pb2.InferenceResult, *,
+                   verdict: Verdict | None = None, confirmed: bool | None = None) -> None:
+        """``verdict``: the signature check, when the caller made it; ``confirmed``: whether the signer owns the
+        named node (:func:`agent.owners.signer_confirmation`; None = not known)."""
         self.forget(pending.request_id)
-        verdict = verify_result(message)
+        verdict = verify_result(message) if verdict is None else verdict
         if verdict is Verdict.INVALID:  # a bad answer from whoever sent it: never handed over as the node's
             logger.warning("refusing the result of request %s: it names node %r but its signature does not verify",
                            pending.request_id, message.node_id)
             pending.items.put_nowait(refusal(message))
             self._report(pending, message, verdict=verdict)
+            return
+        if verdict is Verdict.VALID and confirmed is False:  # a validly signed answer from an impostor
+            logger.warning("refusing the result of request %s: it names node %r, whose DHT record is owned by "
+                           "another key than the one that signed it", pending.request_id, message.node_id)
+            pending.items.put_nowait(not_owner_refusal(pending.request_id, message.node_id))
+            self._report(pending, message, verdict=verdict)  # signed evidence: the broker judges it on its own
             return
         if verdict is Verdict.UNSIGNED:
             logger.debug("result of request %s from node %r is unsigned", pending.request_id, message.node_id)
@@ -166,5 +214,6 @@ class ReplyRouter:
         submitted = pending.submitted or now
         first = pending.first_token_at if pending.first_token_at is not None else now
         pending.items.put_nowait(result_from_proto(message, ttft_s=first - submitted, total_s=now - submitted,
-                                                   signed=verdict is Verdict.VALID, stream_diverged_at=diverged_at))
+                                                   signed=verdict is Verdict.VALID, signer_confirmed=confirmed,
+                                                   stream_diverged_at=diverged_at))
         self._report(pending, message, now=now, verdict=verdict)

@@ -51,7 +51,9 @@ class GenerationResult:
     ttft_s: float  # at the agent: submission to first token received
     total_s: float  # at the agent: submission to final result received
     signer_key: bytes = b""  # public key whose signature over this result verified; b"" = the node did not sign
-    #   (the agent checks the signature, not who owns the key: brokers check that against the DHT)
+    signer_confirmed: bool | None = None  # True: the signer owns node_id's DHT record (the agent looked it up);
+    #   None: not checked (no DHT configured, unsigned, no record found, lookup too slow). A signer known NOT to
+    #   own it never gets here: that result is refused (agent/owners.py, SignerNotOwnerError)
     stream_diverged_at: int | None = None  # first streamed token that is not this result's token there; None =
     #   the chunks handed over are a prefix of token_ids. Chunks are not signed, so when they disagree (altered
     #   on the way, or a redelivered task resampled by another node) token_ids and text here are the answer
@@ -59,6 +61,14 @@ class GenerationResult:
     @property
     def signed(self) -> bool:
         return bool(self.signer_key)
+
+    @property
+    def signer_status(self) -> str:
+        """For people: "confirmed" (the named node signed it), "unconfirmed" (signed by someone; whose is not
+        known) or "unsigned"."""
+        if not self.signed:
+            return "unsigned"
+        return "confirmed" if self.signer_confirmed else "unconfirmed"
 
     @property
     def stream_consistent(self) -> bool:
@@ -78,7 +88,8 @@ class GenerationResult:
             f"{len(self.token_ids)} tokens | TTFT {self.ttft_s * 1000:.0f} ms "
             f"(node {self.node_timing.ttft_s * 1000:.0f} ms) | {self.tokens_per_s:.1f} tok/s "
             f"(node {self.node_timing.tokens_per_s:.1f}) | total {self.total_s:.2f} s | "
-            f"node {self.node_id} | group {self.group} | method {self.method} | finish {self.finish_reason}"
+            f"node {self.node_id} (signer {self.signer_status}) | group {self.group} | method {self.method} | "
+            f"finish {self.finish_reason}"
             + ("" if self.stream_consistent else f" | STREAM MISMATCH at token {self.stream_diverged_at}")
         )
 
@@ -93,6 +104,7 @@ class GenerationResult:
             "group": self.group,
             "method": self.method,
             "signed": self.signed,
+            "signer_confirmed": self.signer_confirmed,
             "stream_consistent": self.stream_consistent,
             "stream_diverged_at": self.stream_diverged_at,
             "ttft_s": round(self.ttft_s, 6),
@@ -129,8 +141,11 @@ def refusal(message: messages_pb2.InferenceResult) -> ResultSignatureError:
 
 
 def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, total_s: float,
-                      signed: bool = False, stream_diverged_at: int | None = None) -> GenerationResult:
+                      signed: bool = False, signer_confirmed: bool | None = None,
+                      stream_diverged_at: int | None = None) -> GenerationResult:
     """``signed``: the caller verified the result's signature (:func:`proto.result_signing.verify_result`).
+    ``signer_confirmed``: whether the signer owns the node's DHT record (:func:`agent.owners.signer_confirmation`;
+    kept only for a signed result).
     ``stream_diverged_at``: where the streamed chunks left this result's tokens (None: they did not)."""
     t = message.timing
     return GenerationResult(
@@ -152,5 +167,6 @@ def result_from_proto(message: messages_pb2.InferenceResult, *, ttft_s: float, t
         ttft_s=ttft_s,
         total_s=total_s,
         signer_key=message.signer_key if signed else b"",
+        signer_confirmed=signer_confirmed if signed else None,
         stream_diverged_at=stream_diverged_at,
     )

@@ -17,20 +17,27 @@ trusted the first key seen for a node id (the fallback with no record in view) w
 then refuse the victim: the test shows that the DHT owner decides instead. Only successes are
 simulated (the tiny model does not fail on demand); a failure in the victim's name goes through the
 same check (tests/test_broker_result_attribution.py).
+
+The agent's own view: an agent without a DHT accepts both nodes' answers, marked ``signer_confirmed=None``
+(as before); an agent that joins the DHT (``initial_peers``, or ``dinet-agent submit --initial-peers``)
+confirms the victim's answers and refuses the impostor's with :class:`agent.owners.SignerNotOwnerError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent import Agent
+from agent import Agent, AgentConfig
+from agent.owners import SignerNotOwnerError
 from agent.results import GenerationResult
 from broker.config import BrokerConfig
 from broker.service import BrokerService
@@ -113,6 +120,7 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
             forged = await _complete(agent, "tiny-imp")
             assert (forged.node_id, forged.group) == (victim_id, "imp")
             assert forged.signed and forged.signer_key != owner  # a valid signature, by a key that is not the owner's
+            assert forged.signer_confirmed is None  # this agent reads no DHT: accepted as before, but unconfirmed
         await _wait(lambda: ledger.ignored[NOT_OWNER] == 3, "the impostor's outcomes to be judged")
         assert ledger.table(time.time()) == [] and ledger.observed == 0
         assert ledger.score(victim_id, time.time()) == ledger.config.prior
@@ -120,6 +128,7 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
         for _ in range(2):  # the victim's own answers count, though another key came first under its id
             honest = await _complete(agent, "tiny")
             assert (honest.node_id, honest.group, honest.signer_key) == (victim_id, "victim", owner)
+            assert honest.signer_confirmed is None
         await _wait(lambda: ledger.observed == 2, "the victim's outcomes to be credited")
         (row,) = ledger.table(time.time())
         assert (row.node_id, row.group, row.reports, row.failures) == (victim_id, "victim", 2, 0.0)
@@ -130,3 +139,25 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
         assert status["outcomes"]["judged"] == 2 and status["outcomes"]["ignored"].get(NOT_OWNER) == 3
         (group,) = [g for g in status["groups"] if g["group"] == "victim"]
         assert [(n["node_id"], n["reports"], n["live"]) for n in group["nodes"]] == [(victim_id, 2, True)]
+
+        # an agent that reads the DHT itself tells the two apart: the victim's answer is confirmed as the
+        # victim's, the impostor's is refused (and still reported: the broker judges the signed evidence)
+        reads_dht = AgentConfig(amqp_url=amqp_url, namespace=topology.namespace, initial_peers=tuple(peers))
+        async with Agent(config=reads_dht) as witness:
+            confirmed = await _complete(witness, "tiny")
+            assert (confirmed.node_id, confirmed.signer_key, confirmed.signer_confirmed) == (victim_id, owner, True)
+            assert "(signer confirmed)" in confirmed.summary()
+            with pytest.raises(SignerNotOwnerError, match=f"names node '{victim_id}'.*does not own"):
+                await witness.complete(model="tiny-imp", prompt="who answered?", max_new_tokens=4, timeout=60)
+        await _wait(lambda: ledger.observed == 3 and ledger.ignored[NOT_OWNER] == 4, "the witness's outcomes")
+
+        # the same through the CLI: exit 1, a node_failure naming the victim, nothing presented as its answer
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "submit", "who answered?", "--model", "tiny-imp", "--max-new-tokens",
+            "4", "--json", "--timeout", "60", "--namespace", topology.namespace, "--initial-peers", *peers,
+            env={**os.environ, "DINET_AMQP_URL": amqp_url}, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(cli.communicate(), timeout=90)
+        assert cli.returncode == 1, err.decode()
+        reply = json.loads(out.decode().strip().splitlines()[-1])
+        assert (reply["ok"], reply["error"]) == (False, "node_failure") and victim_id in reply["message"]
