@@ -1,5 +1,5 @@
 """The task worker's knobs and counters, shared by the consumer (:mod:`node.worker`) and the
-per-task code (:mod:`node.task_answer`) without either importing the other's internals."""
+per-task code (:mod:`node.task_answer`, :mod:`node.task_outcomes`) without either importing the other's internals."""
 
 from __future__ import annotations
 
