@@ -28,7 +28,7 @@ from proto import blocks_pb2
 from proto.codec import encode_tensor
 
 if TYPE_CHECKING:
-    from node.accel.server import AccelBlockServicer
+    from node.accel.servicer import AccelBlockServicer
 
 MAX_STEPS_PER_MESSAGE = 1024
 MAX_SESSION_ID_CHARS = 128
@@ -72,7 +72,7 @@ class BatchStream:
 
         :raises _Failed: when the step cannot run.
         """
-        from node.accel.server import _StepError  # the servicer's checks raise it
+        from node.accel.servicer import _StepError  # the servicer's checks raise it
 
         servicer = self.servicer
         try:

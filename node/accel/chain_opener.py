@@ -18,7 +18,7 @@ import grpc
 
 from node.accel.batch_link import BatchLink, StepGate
 from node.accel.chain_session import ChainSession, Hop, HopError, LogitsBatcher, SwarmTokenError
-from node.accel.server import MD_METHOD, MD_PREFIX_BLOCK, MD_PREFIX_HASHES, MD_PREFIX_HIT
+from node.accel.session_metadata import MD_METHOD, MD_PREFIX_BLOCK, MD_PREFIX_HASHES, MD_PREFIX_HIT
 from node.blocks.access import PeerChannels, SwarmAccess
 from proto import blocks_pb2_grpc
 from proto.methods import AccelerationMethod
