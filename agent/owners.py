@@ -13,7 +13,10 @@ every node can publish to as well (nodes send their results there): an impostor 
 broker's message as easily as its own answer. Brokers have no signing key to fix that; the DHT record
 is already signed by its owner, so the agent checks the source the broker checks.
 
-Decision (:func:`signer_confirmation`): True when the signer is the one key owning the node's record;
+Decision (:func:`signer_confirmation`): True when the node id is the peer id of the signer's key
+(:mod:`proto.node_identity`: self-certifying, no lookup needed), or the signer is the one key owning the
+node's record; False when one of the record's owners is the key the node id derives from and the signer is
+not (an impostor beside a self-certifying node: settled whatever the number of claimants);
 False when the owners are known and the signer is none of them; None when it cannot be told (no DHT
 configured, no live record for that node id, the lookup failed or timed out, or several keys claim the
 id and the signer is one of them: the DHT cannot say which is genuine). A False answer is re-checked
@@ -36,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from proto.node_identity import self_certified_owner, self_certifies
 from proto.process import START_TIMEOUT_S, fork_dht
 from proto.records import NODES_KEY, NodeRecord
 from proto.result_signing import ResultSignatureError
@@ -57,13 +61,18 @@ class DhtJoinError(ConnectionError):
     """The agent could not join the DHT it was configured with (``initial_peers``)."""
 
 
-def signer_confirmation(signer_key: bytes, owners: frozenset[bytes] | None) -> bool | None:
+def signer_confirmation(signer_key: bytes, owners: frozenset[bytes] | None, *, node_id: str = "") -> bool | None:
     """Whether ``signer_key`` owns the node whose record owners are ``owners`` (see the module docstring).
 
     :param owners: the keys owning a live record of the node; None or empty = not known.
+    :param node_id: the node the result names; "" skips the self-certification checks.
     """
+    if self_certifies(node_id, signer_key):
+        return True
     if not signer_key or not owners:
         return None
+    if node_id and self_certified_owner(node_id, owners) is not None:
+        return False  # the id derives from another claimant's key: this signer cannot be the node
     if signer_key not in owners:
         return False
     return True if len(owners) == 1 else None
@@ -192,10 +201,12 @@ class OwnerDirectory:
 
     async def confirm(self, node_id: str, signer_key: bytes) -> bool | None:
         """:func:`signer_confirmation` for a result; anything but True is re-checked on a fresh view first."""
-        verdict = signer_confirmation(signer_key, await self.owners(node_id))
+        if self_certifies(node_id, signer_key):
+            return True  # no lookup: the node id is a hash of the signer's key
+        verdict = signer_confirmation(signer_key, await self.owners(node_id), node_id=node_id)
         if verdict is not True and self._age() > self._min_refresh_s:
             await self._refreshed()
-            verdict = signer_confirmation(signer_key, self._owners.get(node_id))
+            verdict = signer_confirmation(signer_key, self._owners.get(node_id), node_id=node_id)
         return verdict
 
     async def close(self) -> None:

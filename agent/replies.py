@@ -23,7 +23,8 @@ error result becomes its typed :class:`proto.errors.DinetError`. When the agent 
 (``ReplyRouter.owners``, :mod:`agent.owners`), :meth:`ReplyRouter.receive` also asks whether a
 valid signer owns the node id the result names: a known non-owner is refused
 (:class:`agent.owners.SignerNotOwnerError`), anything else is handed over with
-``signer_confirmed`` True or None (could not tell).
+``signer_confirmed`` True or None (could not tell). With or without a DHT, a valid signer whose key the
+named node id derives from (:func:`proto.node_identity.self_certifies`) is confirmed: that needs no lookup.
 
 Kept apart from :mod:`agent.client` (connection, publishing, public API) so that this
 logic, which decides what the user sees, is plain code on parsed messages, with no channel
@@ -46,6 +47,7 @@ from agent.owners import not_owner_refusal
 from agent.pending import PendingRequest
 from agent.results import Chunk, chunk_from_proto, refusal, result_from_proto
 from proto import errors, messages_pb2
+from proto.node_identity import self_certifies
 from proto.result_signing import Verdict, verify_result
 
 logger = logging.getLogger(__name__)
@@ -178,6 +180,8 @@ class ReplyRouter:
         named node (:func:`agent.owners.signer_confirmation`; None = not known)."""
         self.forget(pending.request_id)
         verdict = verify_result(message) if verdict is None else verdict
+        if verdict is Verdict.VALID and confirmed is None and self_certifies(message.node_id, message.signer_key):
+            confirmed = True  # the node id is a hash of the signer's key: no DHT needed to tell
         if verdict is Verdict.INVALID:  # a bad answer from whoever sent it: never handed over as the node's
             logger.warning("refusing the result of request %s: it names node %r but its signature does not verify",
                            pending.request_id, message.node_id)

@@ -14,7 +14,11 @@ task refreshes the DHT view every ``ttl_s`` seconds, so a slow DHT never slows r
 The DHT view also says who owns each node's record (the RSA key its subkey names and
 its values are signed with): :meth:`GroupDirectory.owner_key` is how the reputation
 ledger checks that a signed result's key belongs to the node it names
-(:mod:`proto.result_signing`). Static groups have no owners.
+(:mod:`proto.result_signing`). Static groups have no owners. Anyone can write a record under
+another node's id with its own key, so one id may have several claimants: the one the id derives
+from (:mod:`proto.node_identity`) wins; failing that, the id is *ambiguous* and nobody is credited
+for it (:data:`broker.evidence.AMBIGUOUS_OWNER`; logged, and listed by ``dinet-broker status``),
+never whichever claimant the DHT happened to list last.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.evidence import AMBIGUOUS_OWNER
+from proto.node_identity import self_certified_owner
 from proto.process import START_TIMEOUT_S, fork_dht
 from proto.records import NODES_KEY, HardwareInfo, NodeRecord, RecordError
 
@@ -167,7 +173,7 @@ class GroupDirectory:
         self._reader = reader
         self._ttl_s = ttl_s
         self._dht_groups: list[GroupInfo] = []
-        self._owners: dict[str, bytes] = {}  # peer id -> public key owning its DHT record (latest view)
+        self._owners: dict[str, frozenset[bytes]] = {}  # peer id -> keys owning a record of it (latest view)
         self._by_model: dict[str, list[GroupInfo]] = {}
         self._task: asyncio.Task[None] | None = None
         self._rebuild()
@@ -198,15 +204,38 @@ class GroupDirectory:
                 seen[info.group] = info
         return [seen[k] for k in sorted(seen)]
 
-    def set_dht_records(self, records: Iterable[NodeRecord], *, owners: Mapping[str, bytes] | None = None) -> None:
-        """Replace the DHT view (used by the refresher and by tests); ``owners``: peer id -> record owner key."""
+    def set_dht_records(self, records: Iterable[NodeRecord], *, owners: Mapping[str, bytes] | None = None,
+                        claims: Iterable[tuple[str, bytes]] = ()) -> None:
+        """Replace the DHT view (used by the refresher and by tests).
+
+        :param owners: peer id -> the one key owning its record.
+        :param claims: (peer id, owner key) for every owned record, several keys per id allowed.
+        """
         self._dht_groups = [self._narrow(g) for g in groups_from_records(records)]
-        self._owners = dict(owners or {})
+        found: dict[str, set[bytes]] = {node: {key} for node, key in (owners or {}).items()}
+        for node, key in claims:
+            found.setdefault(node, set()).add(key)
+        before = set(self.ambiguous_nodes())
+        self._owners = {node: frozenset(keys) for node, keys in found.items()}
+        for node in sorted(set(self.ambiguous_nodes()) - before):
+            logger.warning("%d keys claim node %s in the DHT and its id derives from none of them: "
+                           "nobody is credited for it while they do", len(self._owners[node]), node)
         self._rebuild()
 
     def owner_key(self, node_id: str) -> bytes | None:
-        """The public key that owns ``node_id``'s DHT record in the latest view; ``None`` when not known."""
-        return self._owners.get(node_id)
+        """The key that owns ``node_id``'s DHT record in the latest view: the one the id derives from, else the
+        only claimant; :data:`AMBIGUOUS_OWNER` when several claim it and none derives; ``None`` when unknown."""
+        keys = self._owners.get(node_id)
+        if not keys:
+            return None
+        certified = self_certified_owner(node_id, keys)
+        if certified is not None:
+            return certified
+        return next(iter(keys)) if len(keys) == 1 else AMBIGUOUS_OWNER
+
+    def ambiguous_nodes(self) -> list[str]:
+        """Node ids several keys claim in the latest view, none of which the id derives from (sorted)."""
+        return sorted(node for node in self._owners if self.owner_key(node) == AMBIGUOUS_OWNER)
 
     async def refresh(self) -> None:
         if self._reader is None:
@@ -217,7 +246,7 @@ class GroupDirectory:
             logger.warning("DHT refresh failed, keeping the previous view of %d groups: %s",
                            len(self._dht_groups), exc)
             return
-        self.set_dht_records([record for record, _ in owned], owners={r.peer_id: key for r, key in owned})
+        self.set_dht_records([record for record, _ in owned], claims=[(r.peer_id, key) for r, key in owned])
 
     async def start(self) -> None:
         if self._reader is None:

@@ -9,7 +9,9 @@ An answered outcome may carry the node's signature over the answer
 (:mod:`proto.result_signing`), forwarded by the agent; :func:`parse_outcome` verifies it
 over the outcome's own fields (a signature that does not verify is an :class:`EvidenceError`),
 and :func:`attribution_problem` says whether the verified signer may stand for the node the
-outcome names: the owner of that node's DHT record, else the key already credited for it.
+outcome names: a key the node id derives from (:mod:`proto.node_identity`, no DHT needed), else the
+one owner of that node's DHT record (several claimants and none self-certified: nobody), else the
+key already credited for it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from google.protobuf.message import DecodeError, Message
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
+from proto.node_identity import self_certifies
 from proto.result_signing import DIGEST_BYTES, signed_bytes, verify_signature
 
 MAX_ID_CHARS = 128  # request ids, node ids, agent ids, group names
@@ -31,6 +34,9 @@ MAX_NEW_TOKENS = 1 << 20
 MIN_UNIX = 1e9  # 2001: an event time before this is a zero or a broken clock
 MAX_UNIX = 1e11
 KNOWN_CODES = frozenset(ErrorCode.values())
+# The owner "key" of a node id that several keys claim in the DHT, none of them self-certified: no signer is
+# that key (a signer key is never empty), so nobody is credited, and the DHT view cannot be fooled into one.
+AMBIGUOUS_OWNER = b""
 
 
 class EvidenceError(ValueError):
@@ -195,14 +201,20 @@ def attribution_problem(outcome: Outcome, *, owner_key: bytes | None, known_key:
 
     Only answers are checked: an outcome with no answer names the node whose (unsigned) chunks
     arrived and is judged as before. An answer must be signed, by the key that owns the named
-    node's DHT record when the broker knows that record (``owner_key``), else by the key of the
-    last answer credited to that node id in the stream (``known_key``; ``None``: none yet, and
-    the first signer is trusted).
+    node's DHT record when the broker knows that record (``owner_key``; :data:`AMBIGUOUS_OWNER`
+    when several keys claim it: nobody then), else by the key of the last answer credited to that
+    node id in the stream (``known_key``; ``None``: none yet, and the first signer is trusted).
+    Before all of these, a signer the node id derives from (:func:`proto.node_identity.self_certifies`)
+    may always stand for it.
     """
     if not outcome.answered or not outcome.node_id:
         return ""
     if not outcome.signer_key:
         return "answer not signed"
+    if self_certifies(outcome.node_id, outcome.signer_key):
+        return ""  # the node id is a hash of this key: no other key can stand for it, whatever the DHT says
+    if owner_key == AMBIGUOUS_OWNER:
+        return "several keys claim the named node's DHT record"
     if owner_key is not None:
         return "" if outcome.signer_key == owner_key else "signer does not own the named node's DHT record"
     if known_key is not None and outcome.signer_key != known_key:

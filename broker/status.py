@@ -135,6 +135,8 @@ async def collect_status(
         "outcomes": {"judged": ledger.observed, "unattributed": ledger.unattributed, "ignored": dict(ledger.ignored)},
         "schedulers": [{"scheduler": s, "version": v, "decisions": n} for (s, v), n in schedulers.most_common()],
         "reputation_threshold": ledger.config.threshold,
+        # node ids several DHT keys claim, none self-certified: answers in their name are credited to nobody
+        "ambiguous_nodes": directory.ambiguous_nodes() if directory is not None else [],
     }
 
 
@@ -175,6 +177,8 @@ def format_status(status: dict[str, Any]) -> str:
     if seen:
         out.append(f"Agents' outcomes: {seen['judged']} judged, {seen['unattributed']} with no node to blame, "
                    f"{sum(seen['ignored'].values())} ignored")
+    if status.get("ambiguous_nodes"):
+        out.append(f"Claimed by several DHT keys, credited to nobody: {', '.join(status['ambiguous_nodes'])}")
     dead = status["dead_letters"]
     out.append(f"Dead letters: {dead['messages']} in {dead['queue']}")
     sched = ", ".join(f"{s['scheduler']}{'@' + s['version'] if s['version'] else ''} ({s['decisions']})"

@@ -167,6 +167,11 @@ def _public_key(raw: bytes) -> rsa.RSAPublicKey | None:
     return key if isinstance(key, rsa.RSAPublicKey) else None
 
 
+def public_rsa_key(raw: bytes) -> rsa.RSAPublicKey | None:
+    """An RSA public key in OpenSSH form (a ``signer_key``, an owner subkey), parsed; None if it is not one."""
+    return _public_key(raw)
+
+
 def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
     """Whether ``signature`` (base64, as hivemind's ``RSAPrivateKey.sign`` makes it) is ``public_key``'s
     over ``data``; never raises on garbage."""

@@ -157,7 +157,7 @@ class Owners:
     async def confirm(self, node_id: str, signer_key: bytes) -> bool | None:
         self.asked.append(node_id)
         await asyncio.sleep(0.01)  # a lookup takes time: other deliveries run meanwhile
-        return signer_confirmation(signer_key, self.owners.get(node_id))
+        return signer_confirmation(signer_key, self.owners.get(node_id), node_id=node_id)
 
 
 @pytest.fixture(scope="module")
