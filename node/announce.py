@@ -15,9 +15,13 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from node.blocks.dht import Announcer, SwarmDHT
 from proto.records import HardwareInfo, NodeRecord
+
+if TYPE_CHECKING:
+    from hivemind.utils.crypto import RSAPrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +73,17 @@ class QueueNodePresence:
         host: str = "127.0.0.1",
         port: int = 0,
         announce_host: str | None = None,
+        identity: RSAPrivateKey | None = None,
     ) -> QueueNodePresence:
         """Join the swarm through ``initial_peers`` and announce once (the group is visible when this returns).
+
+        ``identity``: the node's key, its DHT peer id derives from it (:meth:`SwarmDHT.start`).
 
         :raises RuntimeError: the DHT process did not start.
         """
         swarm = await asyncio.to_thread(
-            SwarmDHT.start, initial_peers=initial_peers, host=host, port=port, announce_host=announce_host
+            SwarmDHT.start, initial_peers=initial_peers, host=host, port=port, announce_host=announce_host,
+            identity=identity,
         )
         announcer = Announcer(
             swarm, announcement.model_name, lambda: announcement.record(swarm.peer_id),

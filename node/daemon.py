@@ -37,18 +37,17 @@ __all__ = ["NodeConfig", "NodeDaemon", "run_node"]
 
 logger = logging.getLogger(__name__)
 
-RESULT_KEY_FILE = "result_key.der"  # a node without a DHT signs its results with this key (kept across restarts)
+RESULT_KEY_FILE = "result_key.der"  # the node's key: it signs results and DHT records, its id derives from it
 
 
-def result_signer(state_dir: Path, *, in_dht: bool) -> ResultSigner:
-    """The key this node signs its results with (proto/result_signing.py).
+def node_signer(state_dir: Path) -> ResultSigner:
+    """The node's key (proto/result_signing.py), kept in its state directory across restarts.
 
-    In the DHT: hivemind's process-wide key, the one its DHT records are signed with, so brokers can
-    check a result's signer against the owner of the node's record. Without a DHT: a key kept in the
-    state directory, beside the stable node id, so a restarted node signs as the key already credited
-    for its id.
+    It signs the node's results and, in the DHT, its records; the DHT's peer id derives from it, and
+    so does the node's id outside the DHT (:mod:`node.node_id`). A restarted node is the same node to
+    brokers and agents: same id, same key, same reputation.
     """
-    return ResultSigner.process_wide() if in_dht else ResultSigner.load_or_create(state_dir / RESULT_KEY_FILE)
+    return ResultSigner.load_or_create(state_dir / RESULT_KEY_FILE)
 
 
 class NodeDaemon:
@@ -72,16 +71,17 @@ class NodeDaemon:
             import torch
 
             torch.set_num_threads(cfg.threads)
-        node_id = cfg.node_id or stable_node_id(state_dir)
+        signer = node_signer(state_dir)
+        node_id = cfg.node_id or stable_node_id(state_dir, signer.public_key)
         self.hardware = await asyncio.to_thread(
             measure_hardware, weight_format=cfg.weight_format, price_per_hour=cfg.price_per_hour
         )
         logger.info("node %s hardware: %s", node_id, self.hardware.description)
         tokenizer = await asyncio.to_thread(_load_tokenizer, cfg.model)
-        max_positions = await self._stack.build(cfg, self.hardware)
+        max_positions = await self._stack.build(cfg, self.hardware, identity=signer.private_key)
         peer_id = self._stack.dht_peer_id
         if peer_id is not None and not cfg.node_id:
-            node_id = peer_id  # one identity: the DHT key pair, as brokers see it
+            node_id = peer_id  # the peer id of the node's key, as brokers see it (a legacy id file aside)
         self._connection = await connect(cfg.amqp_url, timeout_s=cfg.connect_timeout_s)
         worker_config = WorkerConfig(
             node_id=node_id,
@@ -99,7 +99,7 @@ class NodeDaemon:
         if engine is None:
             raise RuntimeError("no engine was built")
         self.worker = TaskWorker(worker_config, engine=engine, tokenizer=tokenizer, ledger=self._ledger,
-                                 signer=result_signer(state_dir, in_dht=node_id == peer_id))
+                                 signer=signer)
         await self.worker.start(self._connection)
         methods = ", ".join(getattr(engine, "methods", ("baseline",)))
         logger.info("node %s ready: model %s as %r, group %s, namespace %s, engine %s running methods: %s",

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.engine import Engine
 from node.engines.vllm_options import WEIGHT_FORMAT_OF_DTYPE
 from node.node_config import NodeConfig
 from proto.records import HardwareInfo
+
+if TYPE_CHECKING:
+    from hivemind.utils.crypto import RSAPrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +44,13 @@ class EngineStack:
         identity = self.serving or self.presence
         return None if identity is None else str(identity.peer_id)
 
-    async def build(self, cfg: NodeConfig, hardware: HardwareInfo) -> int:
-        """Build the engine; returns the model's context length (0 when unknown)."""
+    async def build(self, cfg: NodeConfig, hardware: HardwareInfo, *, identity: RSAPrivateKey | None = None) -> int:
+        """Build the engine; returns the model's context length (0 when unknown).
+
+        ``identity``: the node's key; in the DHT its peer id derives from it (:meth:`SwarmDHT.start`).
+        """
         if cfg.sharded:
-            self.serving = await _start_serving(cfg, hardware)
+            self.serving = await _start_serving(cfg, hardware, identity)
             self.engine = self.serving.engine
             logger.info("serving blocks %s at %s; DHT %s", cfg.blocks, self.serving.address,
                         " ".join(map(str, self.serving.dht_maddrs)))
@@ -56,7 +62,7 @@ class EngineStack:
             vllm_engine = VllmEngine.load(cfg.model, dtype=cfg.dtype, settings=cfg.vllm)
             self.engine = vllm_engine
             if cfg.announces_queue_node:
-                self.presence = await _announce_queue_node(cfg, hardware, vllm_engine.methods)
+                self.presence = await _announce_queue_node(cfg, hardware, vllm_engine.methods, identity)
             return vllm_engine.max_positions
         from node.local_engine import LocalEngine
 
@@ -81,7 +87,7 @@ def _model_config_int(name_or_path: str, attribute: str, default: int) -> int:
     return int(getattr(AutoConfig.from_pretrained(name_or_path), attribute, 0) or default)
 
 
-async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
+async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo, identity: RSAPrivateKey | None) -> Any:
     """Start the sharded serving side (node.blocks.launch), imported only when asked for."""
     from node.blocks.chain_engine import ChainConfig
     from node.blocks.launch import ServingConfig, start_serving
@@ -107,11 +113,13 @@ async def _start_serving(cfg: NodeConfig, hardware: HardwareInfo) -> Any:
     if cfg.accelerated:
         from node.accel.launch import start_accelerated_serving
 
-        return await start_accelerated_serving(serving_config, hardware)
-    return await start_serving(serving_config, hardware)
+        return await start_accelerated_serving(serving_config, hardware, identity=identity)
+    return await start_serving(serving_config, hardware, identity=identity)
 
 
-async def _announce_queue_node(cfg: NodeConfig, hardware: HardwareInfo, methods: tuple[str, ...]) -> Any:
+async def _announce_queue_node(
+    cfg: NodeConfig, hardware: HardwareInfo, methods: tuple[str, ...], identity: RSAPrivateKey | None
+) -> Any:
     """Join the DHT and keep this whole-model node's record (no address, no blocks) fresh."""
     from node.announce import QueueNodeAnnouncement, QueueNodePresence
 
@@ -119,4 +127,5 @@ async def _announce_queue_node(cfg: NodeConfig, hardware: HardwareInfo, methods:
     announcement = QueueNodeAnnouncement(model_name=cfg.model_name, group=cfg.group, num_blocks=num_blocks,
                                          hardware=hardware, methods=methods)
     return await QueueNodePresence.start(announcement, initial_peers=cfg.initial_peers, host=cfg.host,
-                                         port=cfg.dht_port, announce_host=cfg.announce_host or None)
+                                         port=cfg.dht_port, announce_host=cfg.announce_host or None,
+                                         identity=identity)

@@ -1,26 +1,42 @@
-"""The node's id when no DHT key pair names it: made once and kept in the state directory.
+"""The node's id: the libp2p peer id of the key it signs with, kept in the state directory.
 
-A restarted node keeps its id, so the dedup ledger, telemetry and the brokers' view of it
-stay attached to one name. Nodes in the DHT use their peer id instead (:mod:`node.daemon`).
+A node's key lives in its state directory (:meth:`proto.result_signing.ResultSigner.load_or_create`),
+and its id derives from that key (:func:`proto.node_identity.peer_id_of`), in the DHT or not: in the
+DHT the same key is its libp2p identity (:meth:`node.blocks.dht.SwarmDHT.start`), so its peer id *is*
+this id. Whoever holds one of its signed results can check the id against the signer with no lookup,
+and a restarted node keeps its id, so the dedup ledger, telemetry and the brokers' reputation of it
+stay attached to one name.
+
+State directories made before ids were derived from keys hold a ``host-xxxxxx`` id in ``node_id``;
+such a node keeps that id while it runs without a DHT (it is not self-certifying, and is judged by the
+checks that apply to any unconfirmed signer). In the DHT a node is always named by its peer id.
 """
 
 from __future__ import annotations
 
-import secrets
-import socket
 from pathlib import Path
+
+from proto.node_identity import peer_id_of
 
 NODE_ID_FILE = "node_id"
 
 
-def stable_node_id(state_dir: Path) -> str:
-    """The node's id, made once (host name + random suffix) and kept in the state directory."""
+class NodeKeyError(ValueError):
+    """The node's key is not an RSA key a peer id can derive from."""
+
+
+def stable_node_id(state_dir: Path, public_key: bytes) -> str:
+    """The node's id: the one recorded in the state directory, else the peer id of ``public_key`` (recorded).
+
+    :raises NodeKeyError: no peer id derives from ``public_key``.
+    """
     path = state_dir / NODE_ID_FILE
     if path.exists():
         existing = path.read_text(encoding="utf-8").strip()
         if existing:
             return existing
-    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40] or "node"
-    node_id = f"{host}-{secrets.token_hex(3)}"
+    node_id = peer_id_of(public_key)
+    if node_id is None:
+        raise NodeKeyError("the node's key in its state directory is not an RSA key; no peer id derives from it")
     path.write_text(node_id + "\n", encoding="utf-8")
     return node_id

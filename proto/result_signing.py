@@ -109,6 +109,12 @@ class ResultSigner:
         self._key = private_key
         self.public_key: bytes = private_key.get_public_key().to_bytes()  # OpenSSH form, as in the owner subkey
 
+    @property
+    def private_key(self) -> RSAPrivateKey:
+        """The key itself, for the node's DHT identity (:meth:`node.blocks.dht.SwarmDHT.start`): one key
+        signs the node's results and its DHT records, and its peer id is derived from it."""
+        return self._key
+
     @classmethod
     def process_wide(cls) -> ResultSigner:
         """hivemind's process-wide key: the one :func:`proto.dht_schema.make_record_validators` signs records
@@ -119,9 +125,10 @@ class ResultSigner:
 
     @classmethod
     def load_or_create(cls, path: Path) -> ResultSigner:
-        """A key kept in a file (for a node with no DHT: its stable node id needs a stable key).
+        """A key kept in a file: the node's identity, so a restarted node keeps its id and its reputation.
 
-        Created (mode 0600, DER) when missing, so a restarted node signs with the key it had.
+        Created (mode 0600, DER) when missing, so a restarted node signs (and, in the DHT, is named) with
+        the key it had.
         """
         from hivemind.utils.crypto import RSAPrivateKey
 

@@ -9,18 +9,20 @@ does).
 The impostor is what the code lets any operator run: ``dinet-node run --node-id <victim's peer id>``.
 It joins the DHT under its own key and announces its own group (``imp``, model ``tiny-imp``), so the
 broker routes ``tiny-imp`` requests to it, and it answers every task in the victim's name. Since its
-node id is not its DHT peer id it signs with a key from its state directory (node/daemon.py); a node
-patched to sign with its DHT key would be caught by the same check, since that key owns only its own
-record. Its answers are validly signed (the agent accepts them), so what stops them is the broker's
+node id is not its DHT peer id, its key (from its state directory, node/daemon.py: the key it signs with
+and its DHT identity) owns only its own record, and the victim's id derives from the victim's key alone
+(proto/node_identity.py). Its answers are validly signed (the agent accepts them), so what stops them is the broker's
 check that the signer owns the named node's DHT record. The impostor answers first, so a broker that
 trusted the first key seen for a node id (the fallback with no record in view) would credit it and
 then refuse the victim: the test shows that the DHT owner decides instead. Only successes are
 simulated (the tiny model does not fail on demand); a failure in the victim's name goes through the
 same check (tests/test_broker_result_attribution.py).
 
-The agent's own view: an agent without a DHT accepts both nodes' answers, marked ``signer_confirmed=None``
-(as before); an agent that joins the DHT (``initial_peers``, or ``dinet-agent submit --initial-peers``)
-confirms the victim's answers and refuses the impostor's with :class:`agent.owners.SignerNotOwnerError`.
+The agent's own view: an agent without a DHT accepts both nodes' answers; it confirms the victim's with no
+lookup, since the victim's id is the peer id of the key that signed them (``signer_confirmed=True``), and
+leaves the impostor's unconfirmed (``None``); an agent that joins the DHT (``initial_peers``, or
+``dinet-agent submit --initial-peers``) confirms the victim's answers and refuses the impostor's with
+:class:`agent.owners.SignerNotOwnerError`.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def dht_nodes(amqp_url: str, topology: Topology, tiny_model_path: Path,
         match = READY.search(victim.text())
         assert match is not None
         victim_id = match.group(1)
-        assert victim_id.startswith("12D3Koo"), victim_id  # a node in the DHT answers under its peer id
+        assert victim_id.startswith("Qm"), victim_id  # its DHT peer id: RSA keys give sha2-256 ("Qm") peer ids
         impostor = _node("imp", peers, tmp_path, env, topology, tiny_model_path, "--model-name", "tiny-imp",
                          "--node-id", victim_id)
         roles.append(impostor)
@@ -120,7 +122,8 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
             forged = await _complete(agent, "tiny-imp")
             assert (forged.node_id, forged.group) == (victim_id, "imp")
             assert forged.signed and forged.signer_key != owner  # a valid signature, by a key that is not the owner's
-            assert forged.signer_confirmed is None  # this agent reads no DHT: accepted as before, but unconfirmed
+            assert forged.signer_confirmed is None  # this agent reads no DHT, and the victim's id does not derive
+            # from the impostor's key: accepted as before, but unconfirmed
         await _wait(lambda: ledger.ignored[NOT_OWNER] == 3, "the impostor's outcomes to be judged")
         assert ledger.table(time.time()) == [] and ledger.observed == 0
         assert ledger.score(victim_id, time.time()) == ledger.config.prior
@@ -128,7 +131,7 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
         for _ in range(2):  # the victim's own answers count, though another key came first under its id
             honest = await _complete(agent, "tiny")
             assert (honest.node_id, honest.group, honest.signer_key) == (victim_id, "victim", owner)
-            assert honest.signer_confirmed is None
+            assert honest.signer_confirmed is True  # no DHT needed: the victim's id derives from its signing key
         await _wait(lambda: ledger.observed == 2, "the victim's outcomes to be credited")
         (row,) = ledger.table(time.time())
         assert (row.node_id, row.group, row.reports, row.failures) == (victim_id, "victim", 2, 0.0)

@@ -21,6 +21,7 @@ import pytest
 
 from agent import Agent
 from proto import errors
+from proto.node_identity import self_certifies
 from proto.topology import Topology
 from tests.helpers_worker import reference_greedy
 
@@ -118,11 +119,13 @@ async def test_agent_broker_dht_and_a_two_node_chain_answer_like_transformers(
         assert list(first.token_ids) == expected
         assert first.group == GROUP
         node_ids.add(first.node_id)
+        assert self_certifies(first.node_id, first.signer_key) and first.signer_confirmed is True
         for method in ("spec_ngram", "chunked_prefill", "prefix_caching"):
             result = await agent.complete(model="tiny", prompt=prompt, max_new_tokens=16, timeout=60,
                                           method_hint=method)
             assert list(result.token_ids) == expected, method
             assert result.method == method
             node_ids.add(result.node_id)
-    # nodes report under their DHT peer ids (libp2p ids), the identity brokers see in the DHT
-    assert all(n.startswith("12D3Koo") for n in node_ids), node_ids
+            assert self_certifies(result.node_id, result.signer_key)
+    # nodes report under their DHT peer ids, derived from the keys they sign with (proto/node_identity.py)
+    assert all(n.startswith("Qm") for n in node_ids), node_ids

@@ -21,9 +21,11 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from agent import Agent, GenerationResult
 from agent.outcomes import Observation
-from node.daemon import result_signer
+from node.daemon import node_signer
+from node.node_id import stable_node_id
 from proto import messages_pb2
 from proto.dht_schema import make_record_validators, owner_subkey, subkey_owner_key
+from proto.node_identity import self_certifies
 from proto.result_signing import (
     ResultSignatureError,
     ResultSigner,
@@ -125,11 +127,18 @@ def test_a_node_without_a_dht_keeps_its_key_across_restarts(tmp_path: Path) -> N
     assert verify_result(again.sign(answer())) is Verdict.VALID
 
 
-def test_a_node_signs_with_its_dht_key_or_else_with_the_key_in_its_state_dir(tmp_path: Path) -> None:
-    assert result_signer(tmp_path, in_dht=True).public_key == ResultSigner.process_wide().public_key
-    kept = result_signer(tmp_path, in_dht=False)
-    assert kept.public_key != ResultSigner.process_wide().public_key
-    assert result_signer(tmp_path, in_dht=False).public_key == kept.public_key  # the same after a restart
+def test_a_node_signs_with_the_key_in_its_state_dir_and_is_named_after_it(tmp_path: Path) -> None:
+    kept = node_signer(tmp_path)
+    assert kept.public_key != ResultSigner.process_wide().public_key  # not the per-process DHT key
+    assert node_signer(tmp_path).public_key == kept.public_key  # the same after a restart
+    node_id = stable_node_id(tmp_path, kept.public_key)
+    assert self_certifies(node_id, kept.public_key)
+    assert stable_node_id(tmp_path, kept.public_key) == node_id
+
+
+def test_a_state_dir_from_before_key_derived_ids_keeps_its_recorded_id(tmp_path: Path) -> None:
+    (tmp_path / "node_id").write_text("host-a1b2c3\n")
+    assert stable_node_id(tmp_path, node_signer(tmp_path).public_key) == "host-a1b2c3"
 
 
 # -- the agent ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -26,6 +26,9 @@ from node.blocks.launch import ServingConfig, ServingHandle, driver_config
 from node.blocks.loader import load_config, resolve_model_dir
 from node.blocks.server import BlockServicer
 from proto.records import HardwareInfo, NodeRecord
+
+if TYPE_CHECKING:
+    from hivemind.utils.crypto import RSAPrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +53,19 @@ def measure_decode_tok_s(executor: BlockExecutor, *, steps: int = 8, context: in
 
 
 async def start_accelerated_serving(
-    config: ServingConfig, hardware: HardwareInfo, options: AccelOptions | None = None
+    config: ServingConfig, hardware: HardwareInfo, options: AccelOptions | None = None, *,
+    identity: RSAPrivateKey | None = None,
 ) -> ServingHandle:
     """Join the DHT, load the blocks, serve them with the accelerated server and announce them.
+
+    ``identity``: the node's key, its DHT peer id derives from it (:meth:`SwarmDHT.start`).
 
     :raises ValueError: for a block range outside the model or an unknown weight format.
     """
     options = options or AccelOptions()
     swarm = await asyncio.to_thread(
         SwarmDHT.start, initial_peers=config.initial_peers, host=config.host, port=config.dht_port,
-        announce_host=config.announce_host,
+        announce_host=config.announce_host, identity=identity,
     )
     try:
         model_dir = await asyncio.to_thread(resolve_model_dir, config.model_path)

@@ -21,18 +21,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import hivemind
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from proto.dht_schema import TOMBSTONE, make_record_validators, owner_subkey, parse_block_records, parse_node_records
+from proto.node_identity import peer_id_of
 from proto.process import fork_dht
 from proto.records import NODES_KEY, BlockRecord, NodeRecord, block_key
 
 logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_S = 5.0  # a freshly started DHT process must answer one lookup within this
+
+
+class IdentityInUseError(RuntimeError):
+    """A live peer of the swarm already runs with this node's identity key (its peer id)."""
+
+
+@contextlib.contextmanager
+def _identity_file(identity: RSAPrivateKey | None) -> Iterator[Path | None]:
+    """``identity`` as a libp2p identity file (protobuf ``PrivateKey``, mode 0400, in a private temporary
+    directory) for as long as the DHT daemon needs to read it at start; removed afterwards."""
+    if identity is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="dinet-identity-") as directory:
+        path = Path(directory) / "identity.key"
+        encoded = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=identity.to_bytes())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "wb") as out:
+            out.write(encoded.SerializeToString())
+        yield path
+
+
+def _identity_taken(exc: BaseException) -> bool:
+    """hivemind's refusal to start a second live peer with one identity (it has no type of its own)."""
+    return isinstance(exc, P2PDaemonError) and "already taken" in str(exc)
 
 
 class SwarmDHT:
@@ -54,34 +86,61 @@ class SwarmDHT:
         port: int = 0,
         client_mode: bool = False,
         announce_host: str | None = None,
+        identity: RSAPrivateKey | None = None,
     ) -> SwarmDHT:
         """Join the swarm through ``initial_peers`` (or start a new one when empty).
+
+        ``identity`` is the key a node is known by: it signs the node's DHT records, and the DHT's libp2p
+        peer id is derived from it, so the peer id *self-certifies* (:mod:`proto.node_identity`): whoever
+        holds a result signed with this key can check the node id without the DHT. hivemind refuses to
+        start when a live peer already uses the identity, so a copied state directory cannot run twice in
+        one swarm. Without ``identity`` (clients: ``swarm``, the agent's owner lookups, tests) the records
+        are signed with hivemind's process-wide key and the peer id is random.
 
         hivemind forks its DHT process from this one (:func:`fork_dht`, which keeps the child's garbage
         collector off this process's objects). The new DHT must be ready within a minute and answer
         one lookup, else it is stopped and started again (three tries): a dead or stuck child is an error,
         never a hang.
+
+        :raises IdentityInUseError: a live peer already uses ``identity`` (not retried).
+        :raises RuntimeError: no try started a DHT that answered (the last error is chained).
         """
-        validators = make_record_validators()
+        validators = make_record_validators(identity)
         kwargs: dict = {"host_maddrs": [f"/ip4/{host}/tcp/{port}"]}
         if announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-        for attempt in range(1, 4):
-            dht = hivemind.DHT(
-                initial_peers=list(initial_peers) or None,
-                start=False,
-                client_mode=client_mode,
-                record_validators=validators,
-                **kwargs,
-            )
-            try:
-                fork_dht(dht)
-                dht.get(NODES_KEY, latest=False, return_future=True).result(timeout=HEALTH_CHECK_S)
-                return cls(dht, validators)
-            except Exception as exc:  # TimeoutError from a stuck child, a dead child, or a failed lookup
-                logger.warning("new DHT process did not answer a lookup (%r), attempt %d of 3", exc, attempt)
-                dht.shutdown()
-        raise RuntimeError("the hivemind DHT process did not start answering after 3 attempts")
+        expected_peer_id = None if identity is None else peer_id_of(identity.get_public_key().to_bytes())
+        last_error: Exception | None = None
+        with _identity_file(identity) as identity_path:
+            if identity_path is not None:
+                kwargs["identity_path"] = str(identity_path)
+            for attempt in range(1, 4):
+                dht = hivemind.DHT(
+                    initial_peers=list(initial_peers) or None,
+                    start=False,
+                    client_mode=client_mode,
+                    record_validators=validators,
+                    **kwargs,
+                )
+                try:
+                    fork_dht(dht)
+                    dht.get(NODES_KEY, latest=False, return_future=True).result(timeout=HEALTH_CHECK_S)
+                    swarm = cls(dht, validators)
+                except Exception as exc:  # TimeoutError from a stuck child, a dead child, or a failed lookup
+                    dht.shutdown()
+                    if expected_peer_id is not None and _identity_taken(exc):
+                        raise IdentityInUseError(
+                            f"a live peer of the swarm already runs as {expected_peer_id}, with this node's identity"
+                            " key: is another node running from a copy of this state directory?") from exc
+                    last_error = exc
+                    logger.warning("new DHT process did not answer a lookup (%r), attempt %d of 3", exc, attempt)
+                    continue
+                if expected_peer_id is not None and swarm.peer_id != expected_peer_id:
+                    swarm.shutdown()
+                    raise RuntimeError(f"the DHT started as {swarm.peer_id}, not as the peer id of its identity key")
+                return swarm
+        raise RuntimeError(f"the hivemind DHT process did not start answering after 3 attempts: {last_error!r}") \
+            from last_error
 
     @property
     def maddrs(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,6 +26,9 @@ from node.blocks.push import NoPush, PushChannels, SwarmPushPolicy
 from node.blocks.server import BlockServicer, ServerLimits, grpc_options, start_grpc_server
 from node.blocks.tls import TlsConfig
 from proto.records import BlockRecord, HardwareInfo, NodeRecord
+
+if TYPE_CHECKING:
+    from hivemind.utils.crypto import RSAPrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +100,12 @@ class ServingHandle:
         await asyncio.to_thread(self.swarm.shutdown)
 
 
-async def start_serving(config: ServingConfig, hardware: HardwareInfo) -> ServingHandle:
+async def start_serving(
+    config: ServingConfig, hardware: HardwareInfo, *, identity: RSAPrivateKey | None = None
+) -> ServingHandle:
     """Join the DHT, load the configured blocks, serve them and announce them.
+
+    ``identity``: the node's key, its DHT peer id derives from it (:meth:`SwarmDHT.start`).
 
     :raises ValueError: for a block range outside the model or an unknown weight format.
     """
@@ -106,7 +114,7 @@ async def start_serving(config: ServingConfig, hardware: HardwareInfo) -> Servin
     # the DHT forks a child process: start it before the weights make this process large
     swarm = await asyncio.to_thread(
         SwarmDHT.start, initial_peers=config.initial_peers, host=config.host, port=config.dht_port,
-        announce_host=config.announce_host,
+        announce_host=config.announce_host, identity=identity,
     )
     try:
         return await _serve(config, hardware, swarm)

@@ -1,0 +1,88 @@
+"""A node joins the real DHT with its own key as identity: its peer id self-certifies.
+
+:meth:`node.blocks.dht.SwarmDHT.start` with ``identity=`` makes the node's key (the one in its state
+directory, which signs its results) the p2p identity and the signer of its records. So its peer id is
+the id :func:`proto.node_identity.peer_id_of` derives from the key, the same after a restart, the
+broker's directory credits that key for it, and a second live peer with the same key is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from hivemind.utils.crypto import RSAPrivateKey
+
+from broker.directory import DhtNodeReader, GroupDirectory
+from node.announce import QueueNodeAnnouncement, QueueNodePresence
+from node.blocks.dht import IdentityInUseError, SwarmDHT
+from proto.node_identity import peer_id_of, self_certifies
+from proto.records import HardwareInfo
+from proto.result_signing import ResultSigner
+
+
+@pytest.fixture
+def bootstrap() -> Iterator[SwarmDHT]:
+    peer = SwarmDHT.start()
+    yield peer
+    peer.shutdown()
+
+
+def test_a_peer_started_with_a_key_is_known_by_the_peer_id_of_that_key_across_restarts(
+    bootstrap: SwarmDHT,
+) -> None:
+    key = RSAPrivateKey()
+    expected = peer_id_of(ResultSigner(key).public_key)
+    first = SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=key)
+    try:
+        assert first.peer_id == expected
+    finally:
+        first.shutdown()
+    again = SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=key)  # a restarted node keeps its id
+    try:
+        assert again.peer_id == expected
+    finally:
+        again.shutdown()
+    anonymous = SwarmDHT.start(initial_peers=bootstrap.maddrs)
+    try:
+        assert anonymous.peer_id != expected  # without an identity: a random peer id, as before
+    finally:
+        anonymous.shutdown()
+
+
+def test_a_second_live_peer_with_the_same_key_is_refused_without_retrying(bootstrap: SwarmDHT) -> None:
+    key = RSAPrivateKey()
+    live = SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=key)
+    try:
+        began = time.monotonic()
+        with pytest.raises(IdentityInUseError, match=live.peer_id):
+            SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=key)
+        assert time.monotonic() - began < 10.0  # one refusal, not three tries of a health check
+    finally:
+        live.shutdown()
+
+
+async def test_the_broker_credits_the_key_a_node_announced_with_and_its_id_self_certifies(
+    bootstrap: SwarmDHT,
+) -> None:
+    key = RSAPrivateKey()
+    signer = ResultSigner(key)
+    announcement = QueueNodeAnnouncement(model_name="tiny", group="keyed", num_blocks=4,
+                                         hardware=HardwareInfo(), methods=("baseline",),
+                                         announce_period_s=0.5, record_ttl_s=5.0)
+    presence = await QueueNodePresence.start(announcement, initial_peers=bootstrap.maddrs, identity=key)
+    reader = DhtNodeReader(bootstrap.maddrs)
+    try:
+        assert self_certifies(presence.peer_id, signer.public_key)
+        directory = GroupDirectory(reader=reader)
+        for _ in range(50):
+            await directory.refresh()
+            if directory.owner_key(presence.peer_id) is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert directory.owner_key(presence.peer_id) == signer.public_key
+    finally:
+        reader.shutdown()
+        await presence.close()
