@@ -11,7 +11,6 @@ result is neither failed nor delayed by it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
@@ -19,10 +18,8 @@ from aio_pika.abc import AbstractChannel
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
-from proto.telemetry import publish_entry
+from proto.telemetry import ENTRY_CONFIRM_TIMEOUT_S, publish_entry_best_effort
 from proto.topology import Topology
-
-logger = logging.getLogger(__name__)
 
 BROKER_NODE_PREFIX = "broker:"  # a broker refused the request itself: no node to judge
 
@@ -73,7 +70,7 @@ class Observation:
 class OutcomeReporter:
     """Publishes outcomes in the background; :meth:`flush` waits (bounded) for the ones in flight."""
 
-    def __init__(self, topology: Topology, agent_id: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, topology: Topology, agent_id: str, *, timeout_s: float = ENTRY_CONFIRM_TIMEOUT_S) -> None:
         self._topology = topology
         self._agent_id = agent_id
         self._timeout_s = timeout_s
@@ -94,14 +91,11 @@ class OutcomeReporter:
 
     async def _publish(self, channel: AbstractChannel, observation: Observation) -> None:
         report = observation.to_proto(self._agent_id)
-        try:
-            await publish_entry(channel, self._topology, report, app_id=self._agent_id, timeout_s=self._timeout_s)
-        except Exception as exc:  # best effort: the user has the result already
+        if await publish_entry_best_effort(channel, self._topology, report, app_id=self._agent_id,
+                                           timeout_s=self._timeout_s):
+            self.published += 1
+        else:  # logged; the user has the result already
             self.failed += 1
-            logger.warning("could not report the outcome of %s to the telemetry stream (%r)",
-                           observation.request_id, exc)
-            return
-        self.published += 1
 
     async def flush(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for outcomes still being published (called before closing)."""

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -33,7 +32,6 @@ from node.validation import validate_prompt_tokens, validate_request
 from node.worker_config import WorkerConfig, WorkerStats
 from proto import errors, messages_pb2
 from proto.methods import DEFAULT_METHOD
-from proto.result_signing import ResultSigner
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -57,29 +55,17 @@ def choose_method(requested: str, served: tuple[str, ...]) -> str:
 class TaskAnswerer:
     """Answers single tasks with an engine; the worker owns one and hands it each task it takes.
 
-    :param remember_answered: records a request id as answered (the worker's ledger), called
-        after the final result is confirmed and before the task is acked.
-    :param signer: signs every final result with the node's DHT record key.
+    ``outcomes`` publishes, settles and reports what the engine produced; the answerer shares its
+    config, topology and stats.
     """
 
-    def __init__(
-        self,
-        config: WorkerConfig,
-        *,
-        topology: Topology,
-        stats: WorkerStats,
-        engine: Engine,
-        tokenizer: Any,
-        remember_answered: Callable[[str], None],
-        signer: ResultSigner,
-    ) -> None:
-        self.config = config
-        self.topology = topology
-        self.stats = stats
+    def __init__(self, outcomes: TaskOutcomes, *, engine: Engine, tokenizer: Any) -> None:
+        self.config: WorkerConfig = outcomes.config
+        self.topology: Topology = outcomes.topology
+        self.stats: WorkerStats = outcomes.stats
         self._engine = engine
         self._tokenizer = tokenizer
-        self._outcomes = TaskOutcomes(config, topology=topology, stats=stats,
-                                      remember_answered=remember_answered, signer=signer)
+        self._outcomes = outcomes
         self._engine_methods: tuple[str, ...] = tuple(getattr(engine, "methods", (DEFAULT_METHOD,)))
 
     def attach(self, publish_channel: AbstractChannel | None) -> None:

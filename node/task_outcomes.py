@@ -24,11 +24,12 @@ from aio_pika.exceptions import DeliveryError
 
 from node.replies import ConnectionLost, Delivery, error_result, publish_reply, reply_to_ok
 from node.streaming import RESULT_TYPE
-from node.telemetry import build_report, publish_report, shared_prefix_ratio
+from node.telemetry import build_report, shared_prefix_ratio
 from node.worker_config import WorkerConfig, WorkerStats
 from proto import errors, messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.result_signing import ResultSigner
+from proto.telemetry import publish_entry_best_effort
 from proto.topology import DELIVERY_LIMIT, Topology
 
 logger = logging.getLogger(__name__)
@@ -114,12 +115,8 @@ class TaskOutcomes:
             self._recent_prompts.append(ctx.prompt_ids)
         report = build_report(routed=ctx.routed, result=result, hardware=self.config.hardware,
                               shared_prefix=shared, concurrency=ctx.concurrency)
-        if self._publish_channel is None:
-            return
-        try:
-            await publish_report(self._publish_channel, self.topology, report)
-        except Exception as exc:
-            logger.warning("could not publish the timing report of %s: %s", result.request_id, exc)
+        if self._publish_channel is not None:
+            await publish_entry_best_effort(self._publish_channel, self.topology, report, app_id=result.node_id)
 
     async def fail(self, d: Delivery, ctx: TaskContext, exc: errors.DinetError) -> None:
         """Answer with a typed error and dead-letter the task."""

@@ -23,7 +23,7 @@ from node.dedup import RecentIds
 from proto import common_pb2, messages_pb2
 from proto.common_pb2 import ErrorCode
 from proto.records import HardwareInfo
-from proto.telemetry import TIMING_REPORT, entry_kind, publish_entry
+from proto.telemetry import TIMING_REPORT, entry_kind
 from proto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -136,8 +136,3 @@ class TelemetryTail:
             await self._channel.close()
         self._channel = None
 
-
-async def publish_report(channel: AbstractChannel, topology: Topology, report: messages_pb2.TimingReport) -> None:
-    """Append ``report`` to the telemetry stream (publisher confirm awaited, mandatory; see
-    :func:`proto.telemetry.publish_entry`, which agents' outcomes go through too)."""
-    await publish_entry(channel, topology, report)

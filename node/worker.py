@@ -36,6 +36,7 @@ from node.engine import Engine
 from node.fence import ReputationFence, ReputationWatch
 from node.replies import TRANSPORT_ERRORS, ConnectionLost, Delivery
 from node.task_answer import TaskAnswerer
+from node.task_outcomes import TaskOutcomes
 from node.telemetry import TelemetryTail
 from node.worker_config import WorkerConfig, WorkerStats
 from proto import messages_pb2
@@ -80,9 +81,9 @@ class TaskWorker:
         self._fence: ReputationFence | None = None
         self._fence_task: asyncio.Task[None] | None = None
         self._signer = signer or ResultSigner.process_wide()
-        self._answerer = TaskAnswerer(config, topology=self.topology, stats=self.stats, engine=engine,
-                                      tokenizer=tokenizer, remember_answered=self._remember_answered,
-                                      signer=self._signer)
+        outcomes = TaskOutcomes(config, topology=self.topology, stats=self.stats,
+                                remember_answered=self._remember_answered, signer=self._signer)
+        self._answerer = TaskAnswerer(outcomes, engine=engine, tokenizer=tokenizer)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, connection: AbstractRobustConnection) -> None:

@@ -11,15 +11,18 @@ Every reader asks :func:`entry_kind` first and skips kinds it does not handle, s
 kind never reaches an old parser. An entry without a ``type`` is a ``TimingReport``:
 that is what nodes wrote before the header was read by anyone.
 
-Nodes and agents append their per-request entries with :func:`publish_entry`, so the two
-agree on the headers (kind, ``<request_id>:<suffix>`` message id, persistence) by
-construction. Brokers publish their batches with ``broker.amqp.publish`` instead: it skips
+Nodes and agents append their per-request entries with :func:`publish_entry_best_effort`
+(over :func:`publish_entry`), so the two agree by construction on the headers (kind,
+``<request_id>:<suffix>`` message id, persistence), on how long a confirm may take, and on
+what a failure costs: a log line, never the request it follows.
+Brokers publish their batches with ``broker.amqp.publish`` instead: it skips
 ``aio_pika.Message`` for speed, on a path that runs once per routed request.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -30,6 +33,10 @@ if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel
 
     from proto.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+ENTRY_CONFIRM_TIMEOUT_S = 5.0  # a per-request entry's publisher confirm; longer is a broker in trouble
 
 TIMING_REPORT = messages_pb2.TimingReport.DESCRIPTOR.name
 OUTCOME_REPORT = messages_pb2.OutcomeReport.DESCRIPTOR.name
@@ -102,3 +109,27 @@ async def publish_entry(
         mandatory=True,
         timeout=timeout_s,
     )
+
+
+async def publish_entry_best_effort(
+    channel: AbstractChannel,
+    topology: Topology,
+    entry: RequestEntry,
+    *,
+    app_id: str | None = None,
+    timeout_s: float = ENTRY_CONFIRM_TIMEOUT_S,
+) -> bool:
+    """:func:`publish_entry`, for the entries that follow a request already answered: a failure (no
+    confirm within ``timeout_s``, a returned message, a closed channel) is logged and returns False.
+
+    Why best effort: a node's report and an agent's outcome come after the answer was delivered; losing
+    one costs a meta-training row or one piece of reputation evidence, while raising would fail (or, for
+    a node, hold the task slot of) a request that succeeded. Cancellation still propagates.
+    """
+    try:
+        await publish_entry(channel, topology, entry, app_id=app_id, timeout_s=timeout_s)
+    except Exception as exc:
+        logger.warning("could not append the %s of %s to the telemetry stream (%r)",
+                       entry.DESCRIPTOR.name, entry.request_id, exc)
+        return False
+    return True

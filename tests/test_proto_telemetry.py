@@ -1,9 +1,12 @@
-"""The shared telemetry-publish helper (proto/telemetry.py), without RabbitMQ: the headers nodes and agents
-agree on, the kinds it refuses, and what it hands the exchange. The real stream is exercised by
-tests/test_agent_outcomes.py and tests/test_node_worker.py, which read these entries back."""
+"""The shared telemetry-publish helpers (proto/telemetry.py), without RabbitMQ: the headers nodes and agents
+agree on, the kinds refused, what is handed to the exchange, and what a failed best-effort publish costs.
+The real stream is exercised by tests/test_agent_outcomes.py and tests/test_node_worker.py, which read
+these entries back."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +14,15 @@ import aio_pika
 import pytest
 
 from proto import messages_pb2
-from proto.telemetry import OUTCOME_REPORT, TIMING_REPORT, entry_kind, entry_message, publish_entry
+from proto.telemetry import (
+    ENTRY_CONFIRM_TIMEOUT_S,
+    OUTCOME_REPORT,
+    TIMING_REPORT,
+    entry_kind,
+    entry_message,
+    publish_entry,
+    publish_entry_best_effort,
+)
 from proto.topology import Topology
 
 
@@ -45,9 +56,12 @@ def test_other_messages_are_refused_before_anything_is_published(entry: Any) -> 
 @dataclass
 class RecordingExchange:
     calls: list[tuple[aio_pika.Message, dict[str, Any]]] = field(default_factory=list)
+    fails_with: BaseException | None = None
 
     async def publish(self, message: aio_pika.Message, **kwargs: Any) -> None:
         self.calls.append((message, kwargs))
+        if self.fails_with is not None:
+            raise self.fails_with
 
 
 @dataclass
@@ -66,3 +80,30 @@ async def test_publish_goes_to_the_namespace_stream_mandatory_with_the_callers_t
         ("a:report", None, {"routing_key": "dinet-unit.telemetry", "mandatory": True, "timeout": None}),
         ("b:outcome", "agent", {"routing_key": "dinet-unit.telemetry", "mandatory": True, "timeout": 2.5}),
     ]
+
+
+async def test_best_effort_publishing_reports_success_and_bounds_the_confirm_by_default() -> None:
+    channel = FakeChannel()
+    topology = Topology(namespace="dinet-unit")
+    entry = messages_pb2.TimingReport(request_id="a")
+    assert await publish_entry_best_effort(channel, topology, entry, app_id="node-1")  # type: ignore[arg-type]
+    ((message, kwargs),) = channel.default_exchange.calls
+    assert (message.message_id, message.app_id, kwargs["timeout"]) == ("a:report", "node-1", ENTRY_CONFIRM_TIMEOUT_S)
+
+
+async def test_a_failed_best_effort_publish_is_logged_and_returned_never_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel = FakeChannel(RecordingExchange(fails_with=TimeoutError("no confirm")))
+    entry = messages_pb2.OutcomeReport(request_id="r9")
+    with caplog.at_level(logging.WARNING, logger="proto.telemetry"):
+        ok = await publish_entry_best_effort(channel, Topology(namespace="dinet-unit"), entry)  # type: ignore[arg-type]
+    assert ok is False
+    assert "OutcomeReport of r9" in caplog.text
+
+
+async def test_cancelling_a_best_effort_publish_still_cancels() -> None:
+    channel = FakeChannel(RecordingExchange(fails_with=asyncio.CancelledError()))
+    with pytest.raises(asyncio.CancelledError):
+        await publish_entry_best_effort(channel, Topology(namespace="dinet-unit"),  # type: ignore[arg-type]
+                                        messages_pb2.TimingReport(request_id="c"))
