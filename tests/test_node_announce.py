@@ -18,6 +18,7 @@ from node.announce import QueueNodeAnnouncement, QueueNodePresence
 from node.blocks.dht import SwarmDHT
 from node.blocks.swarm import format_summary, summarize
 from node.daemon import NodeConfig
+from proto.node_identity import self_certifies
 from proto.records import HardwareInfo, NodeRecord
 
 
@@ -99,16 +100,18 @@ def test_vllm_with_initial_peers_announces_instead_of_serving_blocks() -> None:
         NodeConfig(model="m", model_name="m", group="gpu", engine="vllm", blocks=(0, 2))
 
 
-async def test_a_vllm_node_with_initial_peers_is_seen_by_brokers_under_its_dht_identity(
+async def test_a_vllm_node_with_initial_peers_is_seen_by_brokers_under_its_dht_identity_across_restarts(
     bootstrap: SwarmDHT, amqp_url: str, topology, tiny_model_path, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon's wiring: after the engine is built the node announces itself, and its telemetry identity is the
-    DHT peer id that brokers list under the group (so reputations attach to the node the directory shows).
+    DHT peer id that brokers list under the group (so reputations attach to the node the directory shows). That
+    id derives from the key in the node's state directory, so it self-certifies, and a restarted node comes back
+    under the same id.
 
     No GPU here, so the engine is the tiny model in a LocalEngine standing in for vLLM (a GPU engine built for
     continuous batching); RabbitMQ and the DHT are real.
     """
-    from node.daemon import NodeDaemon
+    from node.daemon import NodeDaemon, node_signer
     from node.engines import vllm_engine
     from node.local_engine import LocalEngine
 
@@ -131,9 +134,18 @@ async def test_a_vllm_node_with_initial_peers_is_seen_by_brokers_under_its_dht_i
         assert [(r.peer_id, r.group, r.methods, r.serves_blocks) for r in records] == [
             (daemon.worker.config.node_id, "gpu-vllm", ("continuous_batching", "dynamic_batching"), False)
         ]
+        node_id = daemon.worker.config.node_id
+        assert self_certifies(node_id, node_signer(tmp_path / "state").public_key)
         await daemon.stop()
         stopped = True
         assert await wait_for(lambda rs: not rs, reader.fetch) == []  # withdrawn on a clean stop
+
+        daemon = NodeDaemon(config)  # the same state directory: the same key, so the same id
+        await daemon.start()
+        stopped = False
+        assert daemon.worker is not None and daemon.worker.config.node_id == node_id
+        records = await wait_for(lambda rs: len(rs) == 1, reader.fetch)
+        assert [r.peer_id for r in records] == [node_id]
     finally:
         reader.shutdown()
         if not stopped:
