@@ -15,11 +15,13 @@ is already signed by its owner, so the agent checks the source the broker checks
 
 Decision (:func:`signer_confirmation`): True when the node id is the peer id of the signer's key
 (:mod:`proto.node_identity`: self-certifying, no lookup needed), or the signer is the one key owning the
-node's record; False when one of the record's owners is the key the node id derives from and the signer is
+node's record; False when the id has the key-derived form (every node of this version) and derives from
+another key (no lookup needed either, so agents without a DHT refuse such impostors too); False
+when one of the record's owners is the key the node id derives from and the signer is
 not (an impostor beside a self-certifying node: settled whatever the number of claimants);
 False when the owners are known and the signer is none of them; None when it cannot be told (no DHT
 configured, no live record for that node id, the lookup failed or timed out, or several keys claim the
-id and the signer is one of them: the DHT cannot say which is genuine). A False answer is re-checked
+id and the signer is one of them: the DHT cannot say which is genuine). A False answer from the DHT is re-checked
 against a fresh view first (a node restarted with a new key; records change), then refused by the
 agent (:class:`SignerNotOwnerError`, a recoverable node failure like an invalid signature): an answer
 whose node lies about who it is should not be handed over as anyone's, and callers who never look at
@@ -39,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from proto.node_identity import self_certified_owner, self_certifies
+from proto.node_identity import certification, self_certified_owner
 from proto.process import START_TIMEOUT_S, fork_dht
 from proto.records import NODES_KEY, NodeRecord
 from proto.result_signing import ResultSignatureError
@@ -67,9 +69,12 @@ def signer_confirmation(signer_key: bytes, owners: frozenset[bytes] | None, *, n
     :param owners: the keys owning a live record of the node; None or empty = not known.
     :param node_id: the node the result names; "" skips the self-certification checks.
     """
-    if self_certifies(node_id, signer_key):
-        return True
-    if not signer_key or not owners:
+    if not signer_key:
+        return None
+    certified = certification(node_id, signer_key)
+    if certified is not None:  # the id alone decides: it derives from this key, or from another one
+        return certified
+    if not owners:
         return None
     if node_id and self_certified_owner(node_id, owners) is not None:
         return False  # the id derives from another claimant's key: this signer cannot be the node
@@ -201,8 +206,9 @@ class OwnerDirectory:
 
     async def confirm(self, node_id: str, signer_key: bytes) -> bool | None:
         """:func:`signer_confirmation` for a result; anything but True is re-checked on a fresh view first."""
-        if self_certifies(node_id, signer_key):
-            return True  # no lookup: the node id is a hash of the signer's key
+        certified = certification(node_id, signer_key)
+        if certified is not None:
+            return certified  # no lookup: the node id is a hash of the signer's key, or of another key
         verdict = signer_confirmation(signer_key, await self.owners(node_id), node_id=node_id)
         if verdict is not True and self._age() > self._min_refresh_s:
             await self._refreshed()
@@ -221,6 +227,7 @@ def not_owner_refusal(request_id: str, node_id: str) -> SignerNotOwnerError:
     """The error the caller gets for an answer signed by a key that does not own the node it names."""
     return SignerNotOwnerError(
         f"the result of request {request_id} names node {node_id!r} but was signed by a key that does not "
-        "own that node's DHT record (another node answering in its name), so it was refused; send the "
-        "request again, and report the group that answered if it happens again"
+        "own that node (its id derives from another key, or another key owns its DHT record: another node "
+        "answering in its name), so it was refused; send the request again, and report the group that "
+        "answered if it happens again"
     )

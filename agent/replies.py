@@ -47,7 +47,7 @@ from agent.owners import not_owner_refusal
 from agent.pending import PendingRequest
 from agent.results import Chunk, chunk_from_proto, refusal, result_from_proto
 from proto import errors, messages_pb2
-from proto.node_identity import self_certifies
+from proto.node_identity import certification
 from proto.result_signing import Verdict, verify_result
 
 logger = logging.getLogger(__name__)
@@ -180,8 +180,9 @@ class ReplyRouter:
         named node (:func:`agent.owners.signer_confirmation`; None = not known)."""
         self.forget(pending.request_id)
         verdict = verify_result(message) if verdict is None else verdict
-        if verdict is Verdict.VALID and confirmed is None and self_certifies(message.node_id, message.signer_key):
-            confirmed = True  # the node id is a hash of the signer's key: no DHT needed to tell
+        if verdict is Verdict.VALID and confirmed is None:
+            # the node id is a hash of the signer's key (True) or of another key (False): no DHT needed to tell
+            confirmed = certification(message.node_id, message.signer_key)
         if verdict is Verdict.INVALID:  # a bad answer from whoever sent it: never handed over as the node's
             logger.warning("refusing the result of request %s: it names node %r but its signature does not verify",
                            pending.request_id, message.node_id)
@@ -189,7 +190,7 @@ class ReplyRouter:
             self._report(pending, message, verdict=verdict)
             return
         if verdict is Verdict.VALID and confirmed is False:  # a validly signed answer from an impostor
-            logger.warning("refusing the result of request %s: it names node %r, whose DHT record is owned by "
+            logger.warning("refusing the result of request %s: it names node %r, whose id or DHT record belongs to "
                            "another key than the one that signed it", pending.request_id, message.node_id)
             pending.items.put_nowait(not_owner_refusal(pending.request_id, message.node_id))
             self._report(pending, message, verdict=verdict)  # signed evidence: the broker judges it on its own

@@ -9,9 +9,9 @@ An answered outcome may carry the node's signature over the answer
 (:mod:`proto.result_signing`), forwarded by the agent; :func:`parse_outcome` verifies it
 over the outcome's own fields (a signature that does not verify is an :class:`EvidenceError`),
 and :func:`attribution_problem` says whether the verified signer may stand for the node the
-outcome names: a key the node id derives from (:mod:`proto.node_identity`, no DHT needed), else the
-one owner of that node's DHT record (several claimants and none self-certified: nobody), else the
-key already credited for it.
+outcome names: a key the node id derives from (:mod:`proto.node_identity`, no DHT needed); for an id
+of the key-derived form no other key, ever; for an id of another form the one owner of that node's DHT
+record (several claimants and none self-certified: nobody), else the key already credited for it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError, Message
 
 from proto import messages_pb2
 from proto.common_pb2 import ErrorCode
-from proto.node_identity import self_certifies
+from proto.node_identity import certification
 from proto.result_signing import DIGEST_BYTES, signed_bytes, verify_signature
 
 MAX_ID_CHARS = 128  # request ids, node ids, agent ids, group names
@@ -204,15 +204,19 @@ def attribution_problem(outcome: Outcome, *, owner_key: bytes | None, known_key:
     node's DHT record when the broker knows that record (``owner_key``; :data:`AMBIGUOUS_OWNER`
     when several keys claim it: nobody then), else by the key of the last answer credited to that
     node id in the stream (``known_key``; ``None``: none yet, and the first signer is trusted).
-    Before all of these, a signer the node id derives from (:func:`proto.node_identity.self_certifies`)
-    may always stand for it.
+    Before all of these, the id itself (:func:`proto.node_identity.certification`): a signer it derives
+    from may always stand for it, and for an id of the key-derived form (every node of this version) no
+    other signer ever can, whatever the DHT shows or whoever was credited first.
     """
     if not outcome.answered or not outcome.node_id:
         return ""
     if not outcome.signer_key:
         return "answer not signed"
-    if self_certifies(outcome.node_id, outcome.signer_key):
+    certified = certification(outcome.node_id, outcome.signer_key)
+    if certified is True:
         return ""  # the node id is a hash of this key: no other key can stand for it, whatever the DHT says
+    if certified is False:
+        return "the named node's id derives from another key"
     if owner_key == AMBIGUOUS_OWNER:
         return "several keys claim the named node's DHT record"
     if owner_key is not None:

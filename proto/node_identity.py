@@ -13,10 +13,13 @@ holding the result checks ``node_id == peer_id_of(signer_key)`` with no DHT look
 ever pass for that id. :func:`self_certifies` is that check, shared by the agent (:mod:`agent.owners`)
 and the broker (:mod:`broker.evidence`, :mod:`broker.directory`).
 
-What it does not do: a False answer does not mean an impostor. Node ids made before this (a random p2p
-identity, or :mod:`node.node_id` for nodes without a DHT) do not derive from their signing key; they stay
-as unconfirmed as before and are judged by the DHT owner checks. Only an id that some *other* claimant's
-key derives to marks the signer as an impostor (:func:`self_certified_owner`).
+Every node started by this version has such an id (:mod:`node.node_id`, :meth:`node.blocks.dht.SwarmDHT.start`).
+An id *of that form* (the base58 of a sha2-256 multihash, ``Qm...``: :func:`names_a_key`) can only be the
+hash of some key, so a signer it does not derive from is an impostor, with no DHT needed either
+(:func:`certification`). Ids of other forms (a random Ed25519 p2p identity, ``12D3Koo...``; a ``host-xxxxxx``
+id from a state directory made before; an operator's ``--node-id``) certify nothing either way: they are
+judged by the DHT owner checks, where an id that some *other* claimant's key derives to still marks the
+signer as an impostor (:func:`self_certified_owner`).
 
 Pure Python plus ``cryptography``: agents and brokers do not import hivemind (or torch) for it.
 """
@@ -43,6 +46,19 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def _unbase58(text: str) -> bytes | None:
+    """The bytes ``text`` (base58btc) encodes; None when it is not base58btc."""
+    number = 0
+    for char in text:
+        digit = _B58_ALPHABET.find(char)
+        if digit < 0:
+            return None
+        number = number * 58 + digit
+    zeros = len(text) - len(text.lstrip("1"))
+    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
+    return b"\x00" * zeros + body
 
 
 def _base58(data: bytes) -> str:
@@ -72,6 +88,26 @@ def peer_id_of(public_key: bytes) -> str | None:
 def self_certifies(node_id: str, public_key: bytes) -> bool:
     """Whether ``node_id`` is the peer id of ``public_key``: the key alone proves it may stand for the id."""
     return bool(node_id) and peer_id_of(public_key) == node_id
+
+
+def names_a_key(node_id: str) -> bool:
+    """Whether ``node_id`` has the form of a key-derived peer id: base58btc of a sha2-256 multihash (``Qm...``).
+
+    Such an id is the hash of exactly one public key (a sha2-256 collision aside), whoever chose it.
+    """
+    if len(node_id) != 46:  # base58 of 34 bytes starting 0x12: always 46 characters
+        return False
+    raw = _unbase58(node_id)
+    return raw is not None and len(raw) == 34 and raw.startswith(_SHA2_256)
+
+
+def certification(node_id: str, public_key: bytes) -> bool | None:
+    """What the id alone says about ``public_key`` standing for it: True, it derives from the key; False, it
+    is a key-derived id (:func:`names_a_key`) of *another* key; None, an id of another form that says nothing.
+    """
+    if self_certifies(node_id, public_key):
+        return True
+    return False if names_a_key(node_id) else None
 
 
 def self_certified_owner(node_id: str, keys: Iterable[bytes]) -> bytes | None:

@@ -11,18 +11,18 @@ It joins the DHT under its own key and announces its own group (``imp``, model `
 broker routes ``tiny-imp`` requests to it, and it answers every task in the victim's name. Since its
 node id is not its DHT peer id, its key (from its state directory, node/daemon.py: the key it signs with
 and its DHT identity) owns only its own record, and the victim's id derives from the victim's key alone
-(proto/node_identity.py). Its answers are validly signed (the agent accepts them), so what stops them is the broker's
-check that the signer owns the named node's DHT record. The impostor answers first, so a broker that
-trusted the first key seen for a node id (the fallback with no record in view) would credit it and
-then refuse the victim: the test shows that the DHT owner decides instead. Only successes are
+(proto/node_identity.py). Its answers are validly signed, but the victim's id names the victim's key, so
+brokers credit nothing to it ("the named node's id derives from another key"), though it answers first:
+a broker that trusted the first key seen for a node id (the fallback for ids that name no key) would
+credit it and then refuse the victim. Only successes are
 simulated (the tiny model does not fail on demand); a failure in the victim's name goes through the
 same check (tests/test_broker_result_attribution.py).
 
-The agent's own view: an agent without a DHT accepts both nodes' answers; it confirms the victim's with no
-lookup, since the victim's id is the peer id of the key that signed them (``signer_confirmed=True``), and
-leaves the impostor's unconfirmed (``None``); an agent that joins the DHT (``initial_peers``, or
-``dinet-agent submit --initial-peers``) confirms the victim's answers and refuses the impostor's with
-:class:`agent.owners.SignerNotOwnerError`.
+The agent's own view: every agent confirms the victim's answers (its id is the peer id of the key that signed
+them, ``signer_confirmed=True``) and refuses the impostor's with :class:`agent.owners.SignerNotOwnerError`:
+one without a DHT because the victim's id, of the key-derived form, derives from another key than the
+impostor's; one that joins the DHT (``initial_peers``, or ``dinet-agent submit --initial-peers``) by the
+same rule before any lookup. Either way the refused answer's signed outcome still reaches the brokers.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from proto import errors
 from proto.topology import Topology
 from tests.test_e2e_swarm import Role, start_bootstrap_dht
 
-NOT_OWNER = "signer does not own the named node's DHT record"
+NOT_OWNER = "the named node's id derives from another key"
 READY = re.compile(r"node (\S+) ready: model")
 
 
@@ -118,12 +118,10 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
         (imp_group,) = directory.groups_for("tiny-imp")
         assert victim_id not in imp_group.nodes  # in the DHT the impostor is a peer of its own, under its own key
 
-        for _ in range(3):  # the impostor answers in the victim's name, first
-            forged = await _complete(agent, "tiny-imp")
-            assert (forged.node_id, forged.group) == (victim_id, "imp")
-            assert forged.signed and forged.signer_key != owner  # a valid signature, by a key that is not the owner's
-            assert forged.signer_confirmed is None  # this agent reads no DHT, and the victim's id does not derive
-            # from the impostor's key: accepted as before, but unconfirmed
+        for _ in range(3):  # the impostor answers in the victim's name, first; even this agent, which reads no
+            # DHT, refuses it: the victim's id derives from the victim's key, and the answer is signed by another
+            with pytest.raises(SignerNotOwnerError, match=f"names node '{victim_id}'.*does not own"):
+                await _complete(agent, "tiny-imp")
         await _wait(lambda: ledger.ignored[NOT_OWNER] == 3, "the impostor's outcomes to be judged")
         assert ledger.table(time.time()) == [] and ledger.observed == 0
         assert ledger.score(victim_id, time.time()) == ledger.config.prior
@@ -143,7 +141,7 @@ async def test_only_the_owner_of_a_nodes_dht_record_moves_its_reputation(
         (group,) = [g for g in status["groups"] if g["group"] == "victim"]
         assert [(n["node_id"], n["reports"], n["live"]) for n in group["nodes"]] == [(victim_id, 2, True)]
 
-        # an agent that reads the DHT itself tells the two apart: the victim's answer is confirmed as the
+        # an agent that reads the DHT tells the two apart as well: the victim's answer is confirmed as the
         # victim's, the impostor's is refused (and still reported: the broker judges the signed evidence)
         reads_dht = AgentConfig(amqp_url=amqp_url, namespace=topology.namespace, initial_peers=tuple(peers))
         async with Agent(config=reads_dht) as witness:

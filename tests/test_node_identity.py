@@ -10,7 +10,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-from proto.node_identity import peer_id_of, self_certified_owner, self_certifies
+from proto.node_identity import certification, names_a_key, peer_id_of, self_certified_owner, self_certifies
 from proto.result_signing import ResultSigner
 
 
@@ -52,3 +52,19 @@ def test_the_self_certified_owner_settles_any_number_of_claimants() -> None:
     assert self_certified_owner(victim_id, [a, victim, b]) == victim
     assert self_certified_owner(victim_id, [a, b]) is None  # nobody derives: the DHT cannot tell either
     assert self_certified_owner(victim_id, []) is None
+
+
+def test_an_id_of_the_key_derived_form_names_one_key_and_refuses_every_other() -> None:
+    owner, other = (ResultSigner(RSAPrivateKey()).public_key for _ in range(2))
+    node_id = peer_id_of(owner)
+    assert node_id is not None and names_a_key(node_id)
+    assert certification(node_id, owner) is True
+    assert certification(node_id, other) is False  # no DHT, no first-come: the id itself says whose it is
+
+
+def test_ids_of_other_forms_say_nothing_about_any_key() -> None:
+    key = ResultSigner(RSAPrivateKey()).public_key
+    ed25519_peer_id = "12D3KooWRe5bkLFqU2Jt5ZEyVoTL7xFyBRGFHjnrSkUotK3ozu7W"  # hivemind's default, random identity
+    for node_id in (ed25519_peer_id, "laptop-1a2b3c", "", "Qm" + "0" * 44, "Qm" + "1" * 44, "QmPeer"):
+        assert not names_a_key(node_id), node_id
+        assert certification(node_id, key) is None

@@ -91,18 +91,30 @@ def test_a_self_certified_signer_is_credited_whatever_owner_the_dht_view_names(
         assert (row.node_id, row.reports, row.failures) == (node, 1, 0.0) and not target.ledger.ignored
 
 
-def test_with_no_dht_view_a_first_impostor_cannot_lock_the_self_certified_node_out(
+def test_with_no_dht_view_an_impostor_is_never_credited_under_a_key_derived_id(
     keys: tuple[ResultSigner, ...]
 ) -> None:
     victim, impostor, _ = keys
     node = id_of(victim)
-    target = consumer()  # no owners known: the first signer of a non-deriving key is trusted, as before
+    target = consumer()  # no owners known: before key-derived ids, the first signer of an id was trusted
     requests = Requests(target)
-    requests.answered(node, impostor, ok=True)
-    requests.answered(node, victim, ok=True)  # not refused as "not the key already credited"
-    requests.answered(node, impostor, ok=False)  # now the credited key is the victim's
+    requests.answered(node, impostor, ok=True)  # first, yet not credited: the id derives from another key
+    requests.answered(node, victim, ok=True)
+    requests.answered(node, impostor, ok=False)  # cannot blame the victim either
     (row,) = target.ledger.table(T0 + 10)
-    assert (row.reports, row.failures) == (2, 0.0) and sum(target.ledger.ignored.values()) == 1
+    assert (row.reports, row.failures) == (1, 0.0)
+    assert target.ledger.ignored == {"the named node's id derives from another key": 2}
+
+
+def test_ids_of_other_forms_keep_trusting_the_first_signer_with_no_dht_view(keys: tuple[ResultSigner, ...]) -> None:
+    first, second, _ = keys
+    target = consumer()
+    requests = Requests(target)
+    requests.answered("host-a1b2c3", first, ok=True)  # a legacy id: nothing in it names a key
+    requests.answered("host-a1b2c3", second, ok=False)
+    (row,) = target.ledger.table(T0 + 10)
+    assert (row.reports, row.failures) == (1, 0.0)
+    assert target.ledger.ignored == {"signer is not the key already credited for the named node": 1}
 
 
 def test_broker_status_names_the_ambiguous_ids() -> None:
@@ -124,18 +136,22 @@ def test_the_agent_confirms_a_self_certified_signer_and_refuses_another_claimant
     assert signer_confirmation(victim.public_key, None, node_id=node) is True  # no DHT needed
     assert signer_confirmation(victim.public_key, both, node_id=node) is True
     assert signer_confirmation(impostor.public_key, both, node_id=node) is False  # the id names the victim's key
-    assert signer_confirmation(impostor.public_key, None, node_id=node) is None  # nothing to compare with
+    assert signer_confirmation(impostor.public_key, None, node_id=node) is False  # the id alone says it
     assert signer_confirmation(impostor.public_key, both, node_id="old-id") is None  # ids from before: as before
 
 
-async def test_an_agent_without_a_dht_confirms_a_self_certified_result(keys: tuple[ResultSigner, ...]) -> None:
+async def test_an_agent_without_a_dht_confirms_a_self_certified_result_and_refuses_an_impostor_of_it(
+    keys: tuple[ResultSigner, ...]
+) -> None:
     victim, impostor, _ = keys
     node = id_of(victim)
     router, _ = make_router(None)
     result = await receive(router, "s1", result_delivery(signed_result(victim, "s1", [5, 6], node_id=node)))
     assert isinstance(result, GenerationResult) and result.signer_confirmed is True
     other = await receive(router, "s2", result_delivery(signed_result(impostor, "s2", [5, 6], node_id=node)))
-    assert isinstance(other, GenerationResult) and other.signer_confirmed is None  # cannot tell: unconfirmed
+    assert isinstance(other, SignerNotOwnerError)  # the id derives from another key: no DHT needed to tell
+    legacy = await receive(router, "s5", result_delivery(signed_result(impostor, "s5", [5, 6], node_id="old-id")))
+    assert isinstance(legacy, GenerationResult) and legacy.signer_confirmed is None  # cannot tell: unconfirmed
 
 
 async def test_a_dht_reading_agent_refuses_an_impostor_beside_a_self_certified_owner(
