@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from node.dedup import CompletedLedger
 from node.engine_stack import EngineStack
 from node.hardware import measure_hardware
 from node.node_config import NodeConfig
-from node.node_id import stable_node_id
+from node.node_id import NodeIdentityError, NodeKeyError, stable_node_id
 from node.validation import Limits
 from node.worker import TaskWorker, WorkerConfig
 from proto.process import reap_children
@@ -47,7 +48,12 @@ def node_signer(state_dir: Path) -> ResultSigner:
     so does the node's id outside the DHT (:mod:`node.node_id`). A restarted node is the same node to
     brokers and agents: same id, same key, same reputation.
     """
-    return ResultSigner.load_or_create(state_dir / RESULT_KEY_FILE)
+    path = state_dir / RESULT_KEY_FILE
+    try:
+        return ResultSigner.load_or_create(path)
+    except ValueError as exc:  # not a DER RSA private key: never replaced silently, it is the node's identity
+        raise NodeKeyError(f"the node's key {path} cannot be read ({exc}); move it away to start as a new node "
+                           "(a new id, with no reputation)") from exc
 
 
 class NodeDaemon:
@@ -157,8 +163,11 @@ def _load_tokenizer(name_or_path: str) -> Any:
 
 
 def run_node(config: NodeConfig) -> int:
-    """Blocking entry point used by ``dinet-node run``."""
+    """Blocking entry point used by ``dinet-node run``; 2 when the node cannot start under its identity."""
     try:
         return asyncio.run(NodeDaemon(config).run())
+    except NodeIdentityError as exc:
+        print(f"dinet-node run: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         reap_children()

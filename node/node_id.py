@@ -21,8 +21,12 @@ from proto.node_identity import peer_id_of
 NODE_ID_FILE = "node_id"
 
 
-class NodeKeyError(ValueError):
-    """The node's key is not an RSA key a peer id can derive from."""
+class NodeIdentityError(RuntimeError):
+    """The node cannot start under its identity (its key, its id); ``dinet-node run`` exits 2 with the message."""
+
+
+class NodeKeyError(NodeIdentityError):
+    """The node's key cannot be read, or is not an RSA key a peer id can derive from."""
 
 
 def stable_node_id(state_dir: Path, public_key: bytes) -> str:

@@ -21,8 +21,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from agent import Agent, GenerationResult
 from agent.outcomes import Observation
-from node.daemon import node_signer
-from node.node_id import stable_node_id
+from node.daemon import NodeConfig, node_signer, run_node
+from node.node_id import NodeKeyError, stable_node_id
 from proto import messages_pb2
 from proto.dht_schema import make_record_validators, owner_subkey, subkey_owner_key
 from proto.node_identity import self_certifies
@@ -134,6 +134,19 @@ def test_a_node_signs_with_the_key_in_its_state_dir_and_is_named_after_it(tmp_pa
     node_id = stable_node_id(tmp_path, kept.public_key)
     assert self_certifies(node_id, kept.public_key)
     assert stable_node_id(tmp_path, kept.public_key) == node_id
+
+
+def test_an_unreadable_node_key_stops_the_node_with_a_clear_error_and_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "result_key.der"
+    key_file.write_bytes(b"not a key")
+    with pytest.raises(NodeKeyError, match=r"result_key\.der cannot be read"):
+        node_signer(tmp_path)
+    config = NodeConfig(model=str(tmp_path / "no-model-needed"), model_name="m", group="g", state_dir=tmp_path)
+    assert run_node(config) == 2  # before any model, broker or DHT is touched
+    assert "dinet-node run: error: the node's key" in capsys.readouterr().err
+    assert key_file.read_bytes() == b"not a key"  # its identity: never replaced behind the operator's back
 
 
 def test_a_state_dir_from_before_key_derived_ids_keeps_its_recorded_id(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from node.node_id import NodeIdentityError
 from proto.dht_schema import TOMBSTONE, make_record_validators, owner_subkey, parse_block_records, parse_node_records
 from proto.node_identity import peer_id_of
 from proto.process import fork_dht
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 HEALTH_CHECK_S = 5.0  # a freshly started DHT process must answer one lookup within this
 
 
-class IdentityInUseError(RuntimeError):
+class IdentityInUseError(NodeIdentityError):
     """A live peer of the swarm already runs with this node's identity key (its peer id)."""
 
 
