@@ -24,6 +24,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
+from node.node_id import NodeIdentityError
+
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "completed.tsv"
@@ -32,7 +34,7 @@ DEFAULT_RETENTION_S = 2 * 24 * 3600.0
 DEFAULT_MAX_ENTRIES = 200_000
 
 
-class StateDirInUseError(RuntimeError):
+class StateDirInUseError(NodeIdentityError):
     """Another running node holds this state directory."""
 
 

@@ -133,7 +133,14 @@ class NodeConfig:
         return not self.sharded and bool(self.initial_peers)
 
     def resolved_state_dir(self) -> Path:
+        """``--state-dir``, else one directory per namespace, group and served block range.
+
+        The range is in the name so that the nodes of one group serving different spans on one host
+        (the usual way to run a swarm on one machine) each get their own directory, hence their own
+        key and id; two nodes with the same span still need ``--state-dir`` (the lock says so).
+        """
         if self.state_dir is not None:
             return Path(self.state_dir)
         base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-        return base / "dinet" / f"{self.namespace}-{self.group}"
+        span = "" if self.blocks is None else f"-blocks-{self.blocks[0]}-{self.blocks[1]}"
+        return base / "dinet" / f"{self.namespace}-{self.group}{span}"

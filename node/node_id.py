@@ -22,7 +22,7 @@ NODE_ID_FILE = "node_id"
 
 
 class NodeIdentityError(RuntimeError):
-    """The node cannot start under its identity (its key, its id); ``dinet-node run`` exits 2 with the message."""
+    """The node cannot start under its identity (its state directory, key or id); ``dinet-node run`` exits 2."""
 
 
 class NodeKeyError(NodeIdentityError):

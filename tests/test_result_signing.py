@@ -22,6 +22,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from agent import Agent, GenerationResult
 from agent.outcomes import Observation
 from node.daemon import NodeConfig, node_signer, run_node
+from node.dedup import CompletedLedger
 from node.node_id import NodeKeyError, stable_node_id
 from proto import messages_pb2
 from proto.dht_schema import make_record_validators, owner_subkey, subkey_owner_key
@@ -147,6 +148,30 @@ def test_an_unreadable_node_key_stops_the_node_with_a_clear_error_and_is_left_al
     assert run_node(config) == 2  # before any model, broker or DHT is touched
     assert "dinet-node run: error: the node's key" in capsys.readouterr().err
     assert key_file.read_bytes() == b"not a key"  # its identity: never replaced behind the operator's back
+
+
+def test_a_node_whose_state_dir_is_held_by_another_stops_with_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = CompletedLedger(tmp_path)  # what a running node holds
+    try:
+        config = NodeConfig(model=str(tmp_path / "no-model-needed"), model_name="m", group="g", state_dir=tmp_path)
+        assert run_node(config) == 2
+    finally:
+        held.close()
+    assert "in use by another running node; give each node its own --state-dir" in capsys.readouterr().err
+
+
+def test_nodes_of_one_group_serving_different_spans_get_their_own_default_state_dirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    whole = NodeConfig(model="m", model_name="m", group="cpu", namespace="ns")
+    first = NodeConfig(model="m", model_name="m", group="cpu", namespace="ns", blocks=(0, 2))
+    second = NodeConfig(model="m", model_name="m", group="cpu", namespace="ns", blocks=(2, 4))
+    assert whole.resolved_state_dir() == tmp_path / "dinet" / "ns-cpu"  # as before
+    assert first.resolved_state_dir() == tmp_path / "dinet" / "ns-cpu-blocks-0-2"
+    assert second.resolved_state_dir() == tmp_path / "dinet" / "ns-cpu-blocks-2-4"
 
 
 def test_a_state_dir_from_before_key_derived_ids_keeps_its_recorded_id(tmp_path: Path) -> None:
