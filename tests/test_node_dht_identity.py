@@ -1,4 +1,4 @@
-"""A node joins the real DHT with its own key as identity: its peer id self-certifies.
+"""A node joins the real DHT with its own key as identity: its peer id self-certifies, and ``swarm`` shows it.
 
 :meth:`node.blocks.dht.SwarmDHT.start` with ``identity=`` makes the node's key (the one in its state
 directory, which signs its results) the p2p identity and the signer of its records. So its peer id is
@@ -13,13 +13,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from broker.directory import DhtNodeReader, GroupDirectory
 from node.announce import QueueNodeAnnouncement, QueueNodePresence
 from node.blocks.dht import IdentityInUseError, SwarmDHT
+from node.blocks.swarm import format_summary, identity_of, summarize
+from proto.dht_schema import owner_subkey
 from proto.node_identity import peer_id_of, self_certifies
-from proto.records import HardwareInfo
+from proto.records import NODES_KEY, HardwareInfo, NodeRecord
 from proto.result_signing import ResultSigner
 
 
@@ -86,3 +89,43 @@ async def test_the_broker_credits_the_key_a_node_announced_with_and_its_id_self_
     finally:
         reader.shutdown()
         await presence.close()
+
+
+async def test_swarm_shows_which_records_of_an_id_its_own_key_wrote(bootstrap: SwarmDHT) -> None:
+    key, impostor_key = RSAPrivateKey(), RSAPrivateKey()
+    announcement = QueueNodeAnnouncement(model_name="tiny", group="keyed", num_blocks=4, hardware=HardwareInfo(),
+                                         methods=("baseline",), announce_period_s=0.5, record_ttl_s=5.0)
+    presence = await QueueNodePresence.start(announcement, initial_peers=bootstrap.maddrs, identity=key)
+    impostor = SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=impostor_key)
+    try:
+        # a record under the victim's id, signed by the impostor's own key (the only one it can sign with)
+        forged = NodeRecord(peer_id=presence.peer_id, address="", group="imp", models=("tiny",),
+                            start_block=0, end_block=4)
+        subkey = owner_subkey(impostor.validators, presence.peer_id)
+        assert impostor.dht.store(NODES_KEY, forged.to_dict(), expiration_time=get_dht_time() + 30, subkey=subkey)
+        for _ in range(50):
+            owned = await bootstrap.owned_node_records()
+            if sum(record.peer_id == presence.peer_id for record, _ in owned) == 2:
+                break
+            await asyncio.sleep(0.1)
+        summary = summarize([record for record, _ in owned], [writer for _, writer in owned])
+        assert {n["group"]: n["identity"] for n in summary["nodes"]} == {
+            "keyed": "self-certified", "imp": "impostor (the id derives from another key)",
+        }
+        assert "id self-certified" in format_summary(summary)
+    finally:
+        impostor.shutdown()
+        await presence.close()
+
+
+def test_identity_of_a_record_from_the_key_that_wrote_it() -> None:
+    owner, other, third = (ResultSigner(RSAPrivateKey()).public_key for _ in range(3))
+    node_id = peer_id_of(owner)
+    assert node_id is not None
+    assert identity_of(node_id, owner, {owner, other}) == "self-certified"
+    assert identity_of(node_id, other, {owner, other}) == "impostor (the id derives from another key)"
+    assert identity_of(node_id, other, {other}) == "impostor (the id derives from another key)"
+    assert identity_of("host-a1b2c3", other, {other}) == "unverified"
+    assert identity_of("host-a1b2c3", other, {other, third}) == "ambiguous (2 keys claim it)"
+    record = NodeRecord(peer_id="p", address="", group="g", models=("m",), start_block=0, end_block=1)
+    assert summarize([record])["nodes"][0]["identity"] == "unknown"  # no writers given

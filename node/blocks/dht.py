@@ -33,7 +33,13 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from node.node_id import NodeIdentityError
-from proto.dht_schema import TOMBSTONE, make_record_validators, owner_subkey, parse_block_records, parse_node_records
+from proto.dht_schema import (
+    TOMBSTONE,
+    make_record_validators,
+    owner_subkey,
+    parse_block_records,
+    parse_owned_node_records,
+)
 from proto.node_identity import peer_id_of
 from proto.process import fork_dht
 from proto.records import NODES_KEY, BlockRecord, NodeRecord, block_key
@@ -195,11 +201,15 @@ class SwarmDHT:
         return list(by_peer.values())
 
     async def node_records(self) -> list[NodeRecord]:
+        return [record for record, _ in await self.owned_node_records()]
+
+    async def owned_node_records(self) -> list[tuple[NodeRecord, bytes]]:
+        """Live node records with the key that wrote each (one record per claimant of an id)."""
         (entry,) = await self._gather([self.dht.get(NODES_KEY, latest=True, return_future=True)])
         if isinstance(entry, BaseException):
             logger.warning("DHT get failed: %s", entry)
             return []
-        return parse_node_records(entry, now=get_dht_time())
+        return parse_owned_node_records(entry, now=get_dht_time())
 
     async def _gather(self, futures: list) -> list:
         """Results (or exceptions) of DHT futures; those not done within ``timeout_s`` become TimeoutError."""

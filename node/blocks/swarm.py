@@ -1,7 +1,8 @@
 """``dinet-node swarm`` (what the swarm serves, and its gaps) and ``dinet-node dht`` (a bootstrap peer).
 
 Both are registered in node/__main__.py with :func:`add_swarm_parser` / :func:`add_dht_parser`.
-:func:`summarize` is the pure part: live node records -> nodes, per-model block coverage and gaps.
+:func:`summarize` is the pure part: live node records -> nodes, per-model block coverage and gaps, and
+for each node id what the DHT shows of its owner (:func:`identity_of`).
 """
 
 from __future__ import annotations
@@ -11,24 +12,55 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from proto.node_identity import names_a_key, self_certifies
 from proto.records import NodeRecord
 
 logger = logging.getLogger(__name__)
 
 
-def summarize(records: list[NodeRecord]) -> dict[str, Any]:
-    """Nodes, and for each model the number of live servers of every block and the uncovered blocks."""
+def identity_of(node_id: str, writer: bytes, claimants: Collection[bytes]) -> str:
+    """What the DHT shows of one record: did the key that wrote it (``writer``) own ``node_id``?
+
+    ``self-certified``: the id derives from the writer's key (brokers and agents credit only that key);
+    ``impostor``: the id derives from another key; ``ambiguous``: several keys (``claimants``, the writer
+    among them) claim an id that names none of them; ``unverified``: the only claimant of an id of another
+    form (legacy ids, ``--node-id``).
+    """
+    if self_certifies(node_id, writer):
+        return "self-certified"
+    if names_a_key(node_id):
+        return "impostor (the id derives from another key)"
+    return f"ambiguous ({len(claimants)} keys claim it)" if len(claimants) > 1 else "unverified"
+
+
+def _identities(records: Sequence[NodeRecord], writers: Sequence[bytes]) -> list[str]:
+    claimants: dict[str, set[bytes]] = {}
+    for record, writer in zip(records, writers, strict=True):
+        claimants.setdefault(record.peer_id, set()).add(writer)
+    return [identity_of(r.peer_id, w, claimants[r.peer_id]) for r, w in zip(records, writers, strict=True)]
+
+
+def summarize(records: Sequence[NodeRecord], writers: Sequence[bytes] | None = None) -> dict[str, Any]:
+    """Nodes, and for each model the number of live servers of every block and the uncovered blocks.
+
+    :param writers: the key that wrote each record, in the order of ``records``
+        (``SwarmDHT.owned_node_records``); without it every node's ``identity`` is ``unknown``.
+    """
+    identities = ["unknown"] * len(records) if writers is None else _identities(records, writers)
+    ordered = sorted(zip(records, identities, strict=True), key=lambda p: (p[0].models, p[0].start_block, p[0].peer_id))
     nodes = [
         {
             "peer_id": r.peer_id, "address": r.address or "(queue only)", "group": r.group, "models": list(r.models),
             "blocks": f"{r.start_block}:{r.end_block}", "throughput_tok_s": r.throughput_tok_s, "load": r.load,
             "free_cache_mb": round(r.free_cache_bytes / 2**20, 1), "accelerator": r.hardware.accelerator,
             "weight_format": r.hardware.weight_format, "gflops": r.hardware.gflops,
+            "identity": identity,
         }
-        for r in sorted(records, key=lambda r: (r.models, r.start_block, r.peer_id))
+        for r, identity in ordered
     ]
     models: dict[str, dict[str, Any]] = {}
     for model in sorted({m for r in records for m in r.models}):
@@ -64,7 +96,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {n['peer_id'][:16]}…  {n['address']:<21} group={n['group']:<10} {','.join(n['models'])} "
             f"blocks {n['blocks']:<7} {n['throughput_tok_s']:.1f} tok/s load {n['load']:.2f} "
-            f"free cache {n['free_cache_mb']} MiB {n['accelerator']} {n['weight_format']}"
+            f"free cache {n['free_cache_mb']} MiB {n['accelerator']} {n['weight_format']} id {n['identity']}"
         )
     for model, m in summary["models"].items():
         if m.get("queue_only_nodes"):
@@ -84,10 +116,10 @@ async def _swarm(args: argparse.Namespace) -> int:
 
     swarm = await asyncio.to_thread(SwarmDHT.start, initial_peers=args.initial_peers, client_mode=True)
     try:
-        records = await asyncio.wait_for(swarm.node_records(), args.timeout)
+        owned = await asyncio.wait_for(swarm.owned_node_records(), args.timeout)
     finally:
         await asyncio.to_thread(swarm.shutdown)
-    summary = summarize(records)
+    summary = summarize([record for record, _ in owned], [key for _, key in owned])
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
