@@ -135,6 +135,7 @@ def parse_owned_node_records(entry: Any, *, now: float | None = None) -> list[tu
     return parse_owned_entry(entry, NodeRecord.from_dict, now=now)
 
 
-def parse_block_records(entry: Any, *, now: float | None = None) -> list[BlockRecord]:
-    """Valid :class:`BlockRecord` s from ``dht.get(block_key(model, i), latest=True)``."""
-    return parse_entry(entry, BlockRecord.from_dict, now=now)
+def parse_owned_block_records(entry: Any, *, now: float | None = None) -> list[tuple[BlockRecord, bytes]]:
+    """Valid :class:`BlockRecord` s with their owners' public keys."""
+    return parse_owned_entry(entry, BlockRecord.from_dict, now=now)
+

@@ -1,4 +1,5 @@
-"""A node joins the real DHT with its own key as identity: its peer id self-certifies, and ``swarm`` shows it.
+"""A node joins the real DHT with its own key as identity: its peer id self-certifies, ``swarm`` shows it, and
+drivers ignore block records that another key writes under that id.
 
 :meth:`node.blocks.dht.SwarmDHT.start` with ``identity=`` makes the node's key (the one in its state
 directory, which signs its results) the p2p identity and the signer of its records. So its peer id is
@@ -20,9 +21,9 @@ from broker.directory import DhtNodeReader, GroupDirectory
 from node.announce import QueueNodeAnnouncement, QueueNodePresence
 from node.blocks.dht import IdentityInUseError, SwarmDHT
 from node.blocks.swarm import format_summary, identity_of, summarize
-from proto.dht_schema import owner_subkey
+from proto.dht_schema import owner_subkey, parse_owned_block_records
 from proto.node_identity import peer_id_of, self_certifies
-from proto.records import NODES_KEY, HardwareInfo, NodeRecord
+from proto.records import NODES_KEY, BlockRecord, HardwareInfo, NodeRecord, block_key
 from proto.result_signing import ResultSigner
 
 
@@ -129,3 +130,29 @@ def test_identity_of_a_record_from_the_key_that_wrote_it() -> None:
     assert identity_of("host-a1b2c3", other, {other, third}) == "ambiguous (2 keys claim it)"
     record = NodeRecord(peer_id="p", address="", group="g", models=("m",), start_block=0, end_block=1)
     assert summarize([record])["nodes"][0]["identity"] == "unknown"  # no writers given
+
+
+async def test_drivers_ignore_block_records_another_key_writes_under_a_nodes_id(bootstrap: SwarmDHT) -> None:
+    server = SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=RSAPrivateKey())
+    impostor = SwarmDHT.start(initial_peers=bootstrap.maddrs, identity=RSAPrivateKey())
+    try:
+        genuine = NodeRecord(peer_id=server.peer_id, address="127.0.0.1:1111", group="g", models=("m",),
+                             start_block=0, end_block=2)
+        await server.announce("m", genuine, ttl_s=30)
+        forged = BlockRecord(peer_id=server.peer_id, address="127.0.0.1:6666", group="g", start_block=0, end_block=2)
+        subkey = owner_subkey(impostor.validators, server.peer_id)  # the server's id, the impostor's key
+        for block in range(2):
+            assert impostor.dht.store(block_key("m", block), forged.to_dict(),
+                                      expiration_time=get_dht_time() + 30, subkey=subkey)
+        entry = None
+        for _ in range(50):  # the forgery is really there, beside the genuine record
+            entry = bootstrap.dht.get(block_key("m", 0), latest=True)
+            if len(parse_owned_block_records(entry)) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert {r.address for r, _ in parse_owned_block_records(entry)} == {"127.0.0.1:1111", "127.0.0.1:6666"}
+        records = await bootstrap.block_records("m", 2)
+        assert [(r.peer_id, r.address) for r in records] == [(server.peer_id, "127.0.0.1:1111")]
+    finally:
+        impostor.shutdown()
+        server.shutdown()

@@ -37,10 +37,10 @@ from proto.dht_schema import (
     TOMBSTONE,
     make_record_validators,
     owner_subkey,
-    parse_block_records,
+    parse_owned_block_records,
     parse_owned_node_records,
 )
-from proto.node_identity import peer_id_of
+from proto.node_identity import certification, peer_id_of
 from proto.process import fork_dht
 from proto.records import NODES_KEY, BlockRecord, NodeRecord, block_key
 
@@ -83,6 +83,7 @@ class SwarmDHT:
         self.validators = validators
         self.peer_id = str(dht.peer_id)
         self.subkey = owner_subkey(validators, self.peer_id)
+        self._impostors_reported: set[str] = set()
 
     @classmethod
     def start(
@@ -187,17 +188,30 @@ class SwarmDHT:
             logger.warning("DHT store failed for %s (will retry at the next announce)", failed)
 
     async def block_records(self, model: str, num_blocks: int) -> list[BlockRecord]:
-        """Live servers of any block of ``model`` (one record per peer)."""
+        """Live servers of any block of ``model`` (one record per peer).
+
+        A record written under a key-derived peer id by another key (:func:`proto.node_identity.certification`)
+        is dropped: otherwise anyone could announce its own address under a known node's id and take the
+        routes, bans and scores meant for that node.
+        """
         futures = [self.dht.get(block_key(model, i), latest=True, return_future=True) for i in range(num_blocks)]
         entries = await self._gather(futures)
         now = get_dht_time()
         by_peer: dict[str, BlockRecord] = {}
+        impostors: set[str] = set()
         for entry in entries:
             if isinstance(entry, BaseException):
                 logger.warning("DHT get failed: %s", entry)
                 continue
-            for record in parse_block_records(entry, now=now):
+            for record, owner in parse_owned_block_records(entry, now=now):
+                if certification(record.peer_id, owner) is False:
+                    impostors.add(record.peer_id)
+                    continue
                 by_peer[record.peer_id] = record
+        if impostors - self._impostors_reported:  # once per id: a lasting forgery must not flood the log
+            self._impostors_reported |= impostors
+            logger.warning("ignoring block records written under %s by keys those ids do not derive from",
+                           ", ".join(sorted(impostors)))
         return list(by_peer.values())
 
     async def node_records(self) -> list[NodeRecord]:
