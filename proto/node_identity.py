@@ -103,8 +103,11 @@ def names_a_key(node_id: str) -> bool:
 
 def certification(node_id: str, public_key: bytes) -> bool | None:
     """What the id alone says about ``public_key`` standing for it: True, it derives from the key; False, it
-    is a key-derived id (:func:`names_a_key`) of *another* key; None, an id of another form that says nothing.
+    is a key-derived id (:func:`names_a_key`) of *another* key; None, an id of another form that says nothing,
+    or no key at all (an unsigned answer is judged elsewhere, never as an impostor's).
     """
+    if not public_key:
+        return None
     if self_certifies(node_id, public_key):
         return True
     return False if names_a_key(node_id) else None
